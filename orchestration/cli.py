@@ -1,0 +1,218 @@
+"""The ``svc`` command line. Every command takes ``-C/--workspace DIR``."""
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from orchestration.workspace import PROJECT_ROOT, Workspace, WorkspaceError, init_workspace
+
+DEMO_VOICES_DIR = PROJECT_ROOT / "examples" / "voices"
+DEMO_SINGERS = ["speaker-a", "speaker-b", "speaker-c"]  # speaker-d is kept back for the incremental rebuild
+
+
+def _fail(message: str) -> None:
+    click.secho(f"error: {message}", fg="red", err=True)
+    sys.exit(1)
+
+
+def with_workspace(fn):
+    """Add ``-C/--workspace`` to a command and pass the resolved :class:`Workspace` as ``ws``."""
+
+    @click.option("-C", "--workspace", "workspace_dir", type=click.Path(file_okay=False), default=None,
+                  help="Workspace folder (default: $SVC_WORKSPACE, the enclosing workspace, or the project root).")
+    @click.pass_context
+    @functools.wraps(fn)
+    def wrapper(ctx: click.Context, workspace_dir: str | None, **kwargs):
+        chosen = workspace_dir or (ctx.obj or {}).get("workspace_dir")
+        try:
+            ws = Workspace.discover(chosen)
+            return fn(ws=ws, **kwargs)
+        except (WorkspaceError, ValueError, FileNotFoundError) as exc:
+            _fail(str(exc))
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-C", "--workspace", "workspace_dir", type=click.Path(file_okay=False), default=None,
+              help="Workspace folder for every subcommand.")
+@click.pass_context
+def main(ctx: click.Context, workspace_dir: str | None) -> None:
+    """VoiceCraft SVC: singing-voice conversion with a versioned, incremental pipeline."""
+    ctx.obj = {"workspace_dir": workspace_dir}
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False), required=False)
+@click.option("--config", default="tiny", show_default=True, help="Config profile (configs/<name>.yaml) or YAML path.")
+@click.pass_context
+def init(ctx: click.Context, directory: str | None, config: str) -> None:
+    """Create a workspace in DIRECTORY: folders, git + DVC with a local remote, MLflow store, Dagster home."""
+    target = directory or (ctx.obj or {}).get("workspace_dir") or "."
+    try:
+        ws = init_workspace(target, config=config)
+    except WorkspaceError as exc:
+        _fail(str(exc))
+    _init_mlflow(ws)
+    click.echo(f"workspace ready: {ws.root}")
+    click.echo(f"  add a singer:  svc -C {ws.root} add-singer NAME FILES_OR_FOLDERS...")
+
+
+def _init_mlflow(ws: Workspace) -> None:
+    """Create the SQLite tracking store with an absolute artifact location for the ``svc`` experiment."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from orchestration.workspace import EXPERIMENT_NAME
+
+    client = MlflowClient(tracking_uri=ws.tracking_uri)
+    if client.get_experiment_by_name(EXPERIMENT_NAME) is None:
+        client.create_experiment(EXPERIMENT_NAME, artifact_location=ws.artifact_root)
+    del mlflow
+
+
+@main.command("add-singer")
+@click.argument("name")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--append", is_flag=True, help="Add recordings to an existing singer.")
+@click.option("--no-push", is_flag=True, help="Skip `dvc push` to the workspace's default remote.")
+@with_workspace
+def add_singer_cmd(ws: Workspace, name: str, paths: tuple[str, ...], append: bool, no_push: bool) -> None:
+    """Copy recordings (files or folders) into data/raw/NAME, version them with DVC, register the singer."""
+    from orchestration.build import open_instance
+    from orchestration.singers import add_singer
+
+    _add_singer(ws, name, list(paths), append=append, push=not no_push, instance=open_instance(ws), add=add_singer)
+
+
+def _add_singer(ws, name, paths, *, append, push, instance, add) -> None:
+    click.echo(f"{'appending to' if append else 'adding'} singer {name!r} in {ws.root}")
+    report = add(ws, name, paths, append=append, instance=instance, push=push, log=click.echo)
+    click.echo(
+        f"added {len(report.added)} file(s), {report.seconds:.1f} s of audio; skipped {len(report.skipped)}"
+    )
+    for source, reason in report.skipped:
+        click.echo(f"  skipped {source}: {reason}")
+    click.echo(f"DVC: data/raw/{name}.dvc md5 {report.data_version}"
+               + (f" (was {report.previous_version})" if report.previous_version else "")
+               + (", pushed to the workspace remote" if report.pushed else ", not pushed"))
+    click.echo(f"Dagster: partition {name!r} registered in 'singers'")
+    from orchestration.sensors import PER_SINGER_ASSETS
+
+    click.echo(f"will rebuild: {', '.join(f'{a}[{name}]' for a in PER_SINGER_ASSETS)}; "
+               f"run `svc -C {ws.root} build`, or let `svc ui` (daemon) pick it up")
+
+
+@main.command()
+@click.option("--asset", "assets", multiple=True, help="Asset to build (repeatable; default: every per-singer asset).")
+@click.option("--singer", "singers", multiple=True, help="Singer to build (repeatable; default: all).")
+@with_workspace
+def build(ws: Workspace, assets: tuple[str, ...], singers: tuple[str, ...]) -> None:
+    """Materialize what is stale or missing, like "Materialize unsynced" in the UI."""
+    from orchestration.build import build as run_build
+    from orchestration.sensors import PER_SINGER_ASSETS
+
+    unknown = sorted(set(assets) - set(PER_SINGER_ASSETS))
+    if unknown:
+        _fail(f"unknown asset(s) {unknown}; choose from {PER_SINGER_ASSETS}")
+    steps = run_build(ws, assets=assets or PER_SINGER_ASSETS, singers=singers or None, log=click.echo)
+    for step in steps:
+        click.echo(f"  {step.singer}: {', '.join(step.assets)} in {step.seconds:.1f} s (run {step.run_id[:8]})")
+
+
+@main.command()
+@with_workspace
+def status(ws: Workspace) -> None:
+    """Show each singer's partitions: fresh, stale or missing, with the DVC data version."""
+    from orchestration.build import open_instance, partition_statuses
+    from orchestration.definitions import build_definitions
+    from orchestration.sensors import PER_SINGER_ASSETS
+
+    instance = open_instance(ws)
+    singers = ws.singers()
+    statuses = partition_statuses(build_definitions(ws), instance, PER_SINGER_ASSETS, singers)
+    registered = set(instance.get_dynamic_partitions("singers"))
+    click.echo(f"workspace {ws.root}")
+    header = f"{'singer':<16} {'dvc md5':<14} " + " ".join(f"{a:<12}" for a in PER_SINGER_ASSETS)
+    click.echo(header)
+    for singer in singers:
+        md5 = (ws.singer_data_version(singer) or "-")[:12]
+        cells = " ".join(f"{statuses[(a, singer)] if singer in registered else 'unregistered':<12}"
+                         for a in PER_SINGER_ASSETS)
+        click.echo(f"{singer:<16} {md5:<14} {cells}")
+    if not singers:
+        click.echo("(no singers yet: svc add-singer NAME FILES...)")
+
+
+@main.command()
+@click.option("--port", default=3000, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@with_workspace
+def ui(ws: Workspace, port: int, host: str) -> None:
+    """Run `dagster dev` (webserver + daemon) on this workspace."""
+    ws.ensure_runtime_dirs()
+    dagster = Path(sys.executable).parent / "dagster"
+    cmd = [str(dagster if dagster.exists() else "dagster"), "dev", "-m", "orchestration.definitions",
+           "-h", host, "-p", str(port)]
+    click.echo(f"DAGSTER_HOME={ws.dagster_home} SVC_WORKSPACE={ws.root} {' '.join(cmd)}")
+    sys.exit(subprocess.call(cmd, cwd=ws.root, env=ws.env()))
+
+
+def print_next_steps(ws: Workspace) -> None:
+    venv_bin = Path(sys.executable).parent
+    click.echo("\nWhere to look next:")
+    click.echo(f"  Dagster UI:  {venv_bin / 'svc'} -C {ws.root} ui        # then http://127.0.0.1:3000")
+    click.echo(f"  MLflow UI:   {venv_bin / 'mlflow'} ui --backend-store-uri {ws.tracking_uri} "
+               f"--default-artifact-root {ws.artifact_root} --port 5000")
+    click.echo(f"  Status:      {venv_bin / 'svc'} -C {ws.root} status")
+
+
+@main.command()
+@click.option("-C", "--workspace", "workspace_dir", type=click.Path(file_okay=False), default=None,
+              help="Demo workspace (default: demo/ under the project; a rerun reuses it).")
+@click.pass_context
+def demo(ctx: click.Context, workspace_dir: str | None) -> None:
+    """Offline CPU demo: a workspace with three bundled voices, cleaned and sliced through Dagster."""
+    from orchestration.build import build as run_build
+    from orchestration.build import open_instance
+    from orchestration.singers import add_singer
+    from svc_model.preprocess import load_manifest
+
+    started = time.perf_counter()
+    root = Path(workspace_dir or (ctx.obj or {}).get("workspace_dir") or PROJECT_ROOT / "demo")
+    click.secho(f"== VoiceCraft SVC demo in {root}", bold=True)
+    try:
+        ws = init_workspace(root)
+        _init_mlflow(ws)
+        instance = open_instance(ws)
+        for singer in DEMO_SINGERS:
+            if singer in ws.singers():
+                click.echo(f"singer {singer!r} already added (reusing)")
+                continue
+            _add_singer(ws, singer, [str(DEMO_VOICES_DIR / singer)], append=False, push=True,
+                        instance=instance, add=add_singer)
+        t_build = time.perf_counter()
+        click.secho("== building clean_audio (only stale or missing partitions)", bold=True)
+        steps = run_build(ws, assets=["clean_audio"], instance=instance, log=click.echo)
+        build_s = time.perf_counter() - t_build
+    except (WorkspaceError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    click.secho("\n== summary", bold=True)
+    click.echo(f"{'singer':<12} {'files':>5} {'segments':>8} {'minutes':>8}")
+    for singer in DEMO_SINGERS:
+        manifest = load_manifest(ws.partition_dir("clean_audio", singer))
+        click.echo(f"{singer:<12} {manifest['source_file'].nunique():>5} {len(manifest):>8} "
+                   f"{manifest['duration_s'].sum() / 60:>8.2f}")
+    click.echo(f"materialized {len(steps)} partition run(s) in {build_s:.1f} s; demo total {time.perf_counter() - started:.1f} s")
+    print_next_steps(ws)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

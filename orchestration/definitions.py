@@ -1,0 +1,35 @@
+"""The Dagster code location. Loads fast: no torch, whisper or transformers import happens here.
+
+``dagster dev -m orchestration.definitions`` (or ``svc ui``) serves the workspace named by ``$SVC_WORKSPACE``,
+else the one around the current directory, else the project root.
+"""
+from __future__ import annotations
+
+import dagster as dg
+
+from assets.ingest import clean_audio, raw_recordings
+from orchestration.resources import WorkspaceResource
+from orchestration.sensors import singer_sensor
+from orchestration.workspace import Workspace
+
+ASSETS = [raw_recordings, clean_audio]
+
+# Eager conditions only act while this sensor runs (under `dagster dev` or the daemon).
+automation_sensor = dg.AutomationConditionSensorDefinition(
+    "svc_automation",
+    target=dg.AssetSelection.all(),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=15,
+)
+
+
+def build_definitions(workspace: Workspace | None = None) -> dg.Definitions:
+    ws = workspace or Workspace.discover()
+    return dg.Definitions(
+        assets=ASSETS,
+        sensors=[singer_sensor, automation_sensor],
+        resources={"workspace": WorkspaceResource(root=str(ws.root))},
+    )
+
+
+defs = build_definitions()

@@ -1,0 +1,47 @@
+"""Sensors: register singers that appear as ``data/raw/<singer>.dvc`` and request their first runs.
+
+Declarative automation does not backfill partitions that were already missing when it was switched on, so the
+sensor requests the new singer's per-singer assets itself. Changed recordings only need a new observation of
+``raw_recordings``: the eager conditions then rebuild that singer's partitions.
+"""
+
+import dagster as dg
+
+from orchestration.partitions import singers_partitions
+from orchestration.resources import WorkspaceResource
+from orchestration.singers import plan_singer_sync, raw_recordings_observation
+
+PER_SINGER_ASSETS = ["clean_audio"]
+
+
+@dg.sensor(
+    name="singer_sensor",
+    minimum_interval_seconds=10,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Registers a partition for every new data/raw/<singer>.dvc and requests that singer's runs; "
+    "records a new raw_recordings data version when a singer's DVC md5 changes.",
+)
+def singer_sensor(context: dg.SensorEvaluationContext, workspace: WorkspaceResource) -> dg.SensorResult:
+    ws = workspace.get()
+    for folder in ws.untracked_singer_dirs():
+        if not folder.startswith(".staging-"):
+            context.log.warning(f"data/raw/{folder}/ is not tracked by DVC yet; run `dvc add data/raw/{folder}`")
+    plan = plan_singer_sync(ws, context.instance)
+    if not plan.new and not plan.changed:
+        return dg.SensorResult(skip_reason="no new or changed singers")
+    events = [raw_recordings_observation(s, plan.versions[s]) for s in plan.new + plan.changed]
+    runs = [
+        dg.RunRequest(
+            run_key=f"{singer}@{plan.versions[singer]}",
+            partition_key=singer,
+            asset_selection=[dg.AssetKey(a) for a in PER_SINGER_ASSETS],
+            tags={"svc/reason": "new singer"},
+        )
+        for singer in plan.new
+    ]
+    context.log.info(f"new singers: {plan.new}; changed recordings: {plan.changed}")
+    return dg.SensorResult(
+        run_requests=runs,
+        dynamic_partitions_requests=[singers_partitions.build_add_request(plan.new)] if plan.new else [],
+        asset_events=events,
+    )

@@ -1,0 +1,213 @@
+"""Adding singers: copy and validate recordings, version them with DVC, register the Dagster partition.
+
+``svc add-singer`` and the singer sensor share the registration code here, so both routes leave the same state:
+a ``data/raw/<singer>.dvc`` file, a ``singers`` partition and an observation of ``raw_recordings`` whose data
+version is the DVC md5.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import dagster as dg
+
+from orchestration.partitions import SINGERS
+from orchestration.workspace import Workspace, WorkspaceError, validate_singer_name
+
+RAW_RECORDINGS = dg.AssetKey("raw_recordings")
+DATA_VERSION_TAG = "dagster/data_version"
+
+
+# ---- Dagster state ---------------------------------------------------------------------------------------------
+def raw_recordings_observation(singer: str, version: str) -> dg.AssetObservation:
+    return dg.AssetObservation(
+        asset_key=RAW_RECORDINGS,
+        partition=singer,
+        tags={DATA_VERSION_TAG: version},
+        metadata={"dvc_md5": version, "dvc_file": f"data/raw/{singer}.dvc"},
+    )
+
+
+def latest_observed_version(instance: dg.DagsterInstance, singer: str) -> str | None:
+    records = instance.fetch_observations(
+        dg.AssetRecordsFilter(asset_key=RAW_RECORDINGS, asset_partitions=[singer]), limit=1
+    ).records
+    if not records:
+        return None
+    observation = records[0].event_log_entry.asset_observation
+    return (observation.tags or {}).get(DATA_VERSION_TAG) if observation else None
+
+
+@dataclass
+class SingerSync:
+    """What has to change in Dagster to match the ``.dvc`` files on disk."""
+
+    new: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+def plan_singer_sync(ws: Workspace, instance: dg.DagsterInstance) -> SingerSync:
+    """Compare DVC-tracked singers with the registered partitions and the last observed data versions."""
+    registered = set(instance.get_dynamic_partitions(SINGERS))
+    plan = SingerSync()
+    for singer in ws.singers():
+        version = ws.singer_data_version(singer)
+        if version is None:
+            continue
+        plan.versions[singer] = version
+        if singer not in registered:
+            plan.new.append(singer)
+        elif latest_observed_version(instance, singer) != version:
+            plan.changed.append(singer)
+    return plan
+
+
+def register_singer(ws: Workspace, instance: dg.DagsterInstance, singer: str) -> str:
+    """Add the partition (if new) and record the current DVC md5 as the data version. Returns the md5."""
+    version = ws.singer_data_version(singer)
+    if version is None:
+        raise WorkspaceError(f"{ws.singer_dvc_file(singer)}: missing; run `dvc add data/raw/{singer}` first")
+    if not instance.has_dynamic_partition(SINGERS, singer):
+        instance.add_dynamic_partitions(SINGERS, [singer])
+    if latest_observed_version(instance, singer) != version:
+        instance.report_runless_asset_event(raw_recordings_observation(singer, version))
+    return version
+
+
+# ---- copying recordings ------------------------------------------------------------------------------------------
+@dataclass
+class AddSingerReport:
+    singer: str
+    added: list[tuple[str, float]] = field(default_factory=list)  # (file name in data/raw/<singer>, seconds)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (source path, reason)
+    notes: list[tuple[str, str]] = field(default_factory=list)
+    data_version: str | None = None
+    previous_version: str | None = None
+    pushed: bool = False
+
+    @property
+    def seconds(self) -> float:
+        return sum(s for _, s in self.added)
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _expand(paths: Iterable[str | Path]) -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:
+    """Files to consider as ``(source, name in the singer folder)``; folders are walked recursively."""
+    from svc_model.audio import is_audio_file
+
+    found, skipped = [], []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            for child in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+                if is_audio_file(child):
+                    found.append((child, str(child.relative_to(path))))
+                else:
+                    skipped.append((str(child), f"not an audio file (extension {child.suffix or 'none'!r})"))
+        elif path.is_file():
+            found.append((path, path.name))
+        else:
+            skipped.append((str(path), "no such file or folder"))
+    return found, skipped
+
+
+def add_singer(
+    ws: Workspace,
+    singer: str,
+    paths: Iterable[str | Path],
+    *,
+    append: bool = False,
+    instance: dg.DagsterInstance | None = None,
+    push: bool = True,
+    log: Callable[[str], None] = print,
+) -> AddSingerReport:
+    """Copy, validate and version a singer's recordings; register the singer in Dagster.
+
+    The originals are only read. Files are validated while copied into a staging folder under ``data/raw``;
+    only when at least one usable file remains are they moved into ``data/raw/<singer>/``, then ``dvc add``
+    and ``dvc push`` run. If anything fails before the move, ``data/raw`` is unchanged.
+    """
+    from svc_model.audio import AudioError, load_recording
+
+    validate_singer_name(singer)
+    ws.ensure_runtime_dirs()
+    target = ws.singer_raw_dir(singer)
+    exists = target.exists() or ws.singer_dvc_file(singer).exists()
+    if exists and not append:
+        raise WorkspaceError(f"singer {singer!r} already exists in {target}; use --append to add recordings")
+    if append and not exists:
+        raise WorkspaceError(f"singer {singer!r} does not exist yet; drop --append to create it")
+    cfg = ws.config().audio
+    report = AddSingerReport(singer=singer, previous_version=ws.singer_data_version(singer) if exists else None)
+    candidates, report.skipped = _expand(paths)
+    for path, reason in report.skipped:
+        log(f"  skip {path}: {reason}")
+
+    existing = {}
+    if target.is_dir():
+        existing = {_md5(p): str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()}
+    staging = ws.raw_dir / f".staging-{singer}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    try:
+        seen: dict[str, str] = {}
+        for source, name in candidates:
+            try:
+                rec = load_recording(source, cfg)
+            except AudioError as exc:
+                report.skipped.append((str(source), exc.problem))
+                log(f"  skip {source}: {exc.problem}")
+                continue
+            digest = _md5(source)
+            duplicate_of = existing.get(digest) or seen.get(digest)
+            if duplicate_of:
+                report.skipped.append((str(source), f"same content as {duplicate_of} (already added)"))
+                log(f"  skip {source}: same content as {duplicate_of}")
+                continue
+            if (target / name).exists() or (staging / name).exists():
+                report.skipped.append((str(source), f"a different file named {name} is already in {target}"))
+                log(f"  skip {source}: a different file named {name} exists; rename it")
+                continue
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, staging / name)
+            seen[digest] = name
+            report.added.append((name, rec.duration_s))
+            report.notes += [(name, note) for note in rec.notes]
+            log(f"  add  {source} -> data/raw/{singer}/{name} ({rec.duration_s:.1f} s)")
+        if not report.added:
+            detail = "; ".join(f"{p}: {why}" for p, why in report.skipped) or "no files given"
+            raise WorkspaceError(f"singer {singer!r}: no usable recordings, nothing was added ({detail})")
+        if target.exists():
+            for src in sorted(p for p in staging.rglob("*") if p.is_file()):
+                dest = target / src.relative_to(staging)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                src.rename(dest)
+        else:
+            staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    try:
+        ws.run_tool("dvc", "add", "-q", str(target.relative_to(ws.root)))
+    except WorkspaceError:
+        if not exists:  # leave data/raw as it was
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+    report.data_version = ws.singer_data_version(singer)
+    if push:
+        ws.run_tool("dvc", "push", "-q", str(ws.singer_dvc_file(singer).relative_to(ws.root)))
+        report.pushed = True
+    if instance is not None:
+        register_singer(ws, instance, singer)
+    return report
