@@ -43,6 +43,21 @@ def partition_statuses(
     }
 
 
+class BuildError(RuntimeError):
+    """One or more partition runs failed; the message has each failure's reason."""
+
+
+def _failure_reason(result: dg.ExecuteInProcessResult) -> str:
+    reasons = []
+    for event in result.get_step_failure_events():
+        data = event.step_failure_data
+        if data.user_failure_data and data.user_failure_data.description:
+            reasons.append(data.user_failure_data.description)
+        elif data.error:
+            reasons.append(data.error.message.strip())
+    return "; ".join(reasons) or "run failed (see the Dagster run log)"
+
+
 @dataclass
 class BuildStep:
     singer: str
@@ -75,7 +90,7 @@ def build(
     if unknown:
         raise ValueError(f"unknown singer(s) {unknown}; known: {sorted(known)}")
     statuses = partition_statuses(defs, instance, assets, singers)
-    steps = []
+    steps, failures = [], []
     for singer in singers:
         todo = [a for a in assets if statuses[(a, singer)] != "fresh"]
         if not todo:
@@ -89,8 +104,16 @@ def build(
             instance=instance,
             resources=defs.resources,
             tags={"svc/launched_by": "svc build"},
+            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+            raise_on_error=False,
         )
-        steps.append(BuildStep(singer, todo, time.perf_counter() - started, result.run_id))
-    if not steps:
+        if result.success:
+            steps.append(BuildStep(singer, todo, time.perf_counter() - started, result.run_id))
+        else:
+            failures.append(f"{singer} (run {result.run_id[:8]}): {_failure_reason(result)}")
+            log(f"FAILED {singer}: {failures[-1]}")
+    if not steps and not failures:
         log("nothing to do: every selected partition is up to date")
+    if failures:
+        raise BuildError("build failed for " + "\n".join(failures))
     return steps

@@ -34,7 +34,7 @@ def with_workspace(fn):
         try:
             ws = Workspace.discover(chosen)
             return fn(ws=ws, **kwargs)
-        except (WorkspaceError, ValueError, FileNotFoundError) as exc:
+        except (WorkspaceError, ValueError, FileNotFoundError, RuntimeError) as exc:
             _fail(str(exc))
 
     return wrapper
@@ -60,22 +60,8 @@ def init(ctx: click.Context, directory: str | None, config: str) -> None:
         ws = init_workspace(target, config=config)
     except WorkspaceError as exc:
         _fail(str(exc))
-    _init_mlflow(ws)
     click.echo(f"workspace ready: {ws.root}")
     click.echo(f"  add a singer:  svc -C {ws.root} add-singer NAME FILES_OR_FOLDERS...")
-
-
-def _init_mlflow(ws: Workspace) -> None:
-    """Create the SQLite tracking store with an absolute artifact location for the ``svc`` experiment."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from orchestration.workspace import EXPERIMENT_NAME
-
-    client = MlflowClient(tracking_uri=ws.tracking_uri)
-    if client.get_experiment_by_name(EXPERIMENT_NAME) is None:
-        client.create_experiment(EXPERIMENT_NAME, artifact_location=ws.artifact_root)
-    del mlflow
 
 
 @main.command("add-singer")
@@ -190,7 +176,6 @@ def demo(ctx: click.Context, workspace_dir: str | None) -> None:
     click.secho(f"== VoiceCraft SVC demo in {root}", bold=True)
     try:
         ws = init_workspace(root)
-        _init_mlflow(ws)
         instance = open_instance(ws)
         for singer in DEMO_SINGERS:
             if singer in ws.singers():
@@ -202,7 +187,7 @@ def demo(ctx: click.Context, workspace_dir: str | None) -> None:
         click.secho("== building clean_audio (only stale or missing partitions)", bold=True)
         steps = run_build(ws, assets=["clean_audio"], instance=instance, log=click.echo)
         build_s = time.perf_counter() - t_build
-    except (WorkspaceError, ValueError, FileNotFoundError) as exc:
+    except (WorkspaceError, ValueError, FileNotFoundError, RuntimeError) as exc:
         _fail(str(exc))
     click.secho("\n== summary", bold=True)
     click.echo(f"{'singer':<12} {'files':>5} {'segments':>8} {'minutes':>8}")

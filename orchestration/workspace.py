@@ -278,5 +278,17 @@ def init_workspace(root: str | Path, config: str = "tiny") -> Workspace:
         (root / DVC_REMOTE_DIR).mkdir(exist_ok=True)
         # A relative url is stored relative to .dvc/config, so the workspace can move.
         ws.run_tool("dvc", "remote", "add", "-d", DVC_REMOTE_NAME, DVC_REMOTE_DIR)
+    init_mlflow(ws)
     ws.run_tool("git", "add", "-A")
     return ws
+
+
+def init_mlflow(ws: Workspace) -> None:
+    """Create the tracking store and the ``svc`` experiment with an absolute artifact location."""
+    if ws.settings.mlflow_tracking_uri:  # a tracking server owns its own artifact location
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=ws.tracking_uri)
+    if client.get_experiment_by_name(EXPERIMENT_NAME) is None:
+        client.create_experiment(EXPERIMENT_NAME, artifact_location=ws.artifact_root)

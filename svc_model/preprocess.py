@@ -113,8 +113,9 @@ def clean_singer(
             continue
         for note in rec.notes:
             notes.append((rel, note))
-        audio = normalize_loudness(rec.audio, rec.sample_rate, cfg.loudness_lufs, cfg.peak_dbfs)
-        audio = resample(audio, rec.sample_rate, cfg.sample_rate)
+        # Resample first: resampling after the peak limit could push inter-sample peaks over it.
+        audio = resample(rec.audio, rec.sample_rate, cfg.sample_rate)
+        audio = normalize_loudness(audio, cfg.sample_rate, cfg.loudness_lufs, cfg.peak_dbfs)
         segments = find_segments(audio, cfg.sample_rate, cfg)
         if not segments:
             skipped.append((rel, f"no segment of at least {cfg.min_segment_s:.1f} s above the silence threshold"))

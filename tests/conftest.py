@@ -1,0 +1,79 @@
+"""Shared fixtures: real workspaces (git + DVC + Dagster instance + MLflow store) in temp folders."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from orchestration.workspace import PROJECT_ROOT, Workspace, init_workspace
+
+VOICES = PROJECT_ROOT / "examples" / "voices"
+
+
+@pytest.fixture(autouse=True)
+def _isolate_env(monkeypatch, tmp_path):
+    # Never let a test touch the developer's own workspace or Dagster home.
+    monkeypatch.delenv("SVC_WORKSPACE", raising=False)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "_unused_dagster_home"))
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+
+
+@pytest.fixture(scope="session")
+def voices_dir() -> Path:
+    assert (VOICES / "speaker-a").is_dir(), f"bundled voices missing in {VOICES}"
+    return VOICES
+
+
+@pytest.fixture(scope="session")
+def _workspace_template(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("template") / "ws"
+    init_workspace(root)
+    return root
+
+
+@pytest.fixture
+def workspace(_workspace_template, tmp_path) -> Workspace:
+    """A fresh, empty workspace (a copy of one made by ``init_workspace``)."""
+    root = tmp_path / "ws"
+    shutil.copytree(_workspace_template, root, symlinks=True)
+    return Workspace(root)
+
+
+@pytest.fixture
+def instance(workspace):
+    from orchestration.build import open_instance
+
+    inst = open_instance(workspace)
+    yield inst
+    inst.dispose()
+
+
+def tone(seconds: float, sr: int, f0: float = 220.0, amp: float = 0.3, channels: int = 1) -> np.ndarray:
+    t = np.arange(int(seconds * sr)) / sr
+    x = amp * np.sin(2 * np.pi * f0 * t) * (1 + 0.3 * np.sin(2 * np.pi * 3 * t))
+    x = x.astype(np.float32)
+    return np.stack([x] * channels, axis=1) if channels > 1 else x
+
+
+def write(path: Path, audio: np.ndarray, sr: int, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), audio, sr, **kwargs)
+    return path
+
+
+def clip(voices_dir: Path, speaker: str, n: int) -> list[Path]:
+    return sorted((voices_dir / speaker).glob("*.flac"))[:n]
+
+
+@pytest.fixture
+def env_has_no_workspace(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def pytest_configure(config):
+    os.environ.setdefault("TQDM_DISABLE", "1")
