@@ -8,7 +8,7 @@ from typing import Callable, Iterable
 import dagster as dg
 
 from orchestration.partitions import SINGERS
-from orchestration.sensors import PER_SINGER_ASSETS
+from orchestration.jobs import PER_SINGER_ASSETS
 from orchestration.singers import plan_singer_sync, register_singer
 from orchestration.workspace import Workspace
 

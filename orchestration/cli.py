@@ -90,7 +90,7 @@ def _add_singer(ws, name, paths, *, append, push, instance, add) -> None:
                + (f" (was {report.previous_version})" if report.previous_version else "")
                + (", pushed to the workspace remote" if report.pushed else ", not pushed"))
     click.echo(f"Dagster: partition {name!r} registered in 'singers'")
-    from orchestration.sensors import PER_SINGER_ASSETS
+    from orchestration.jobs import PER_SINGER_ASSETS
 
     click.echo(f"will rebuild: {', '.join(f'{a}[{name}]' for a in PER_SINGER_ASSETS)}; "
                f"run `svc -C {ws.root} build`, or let `svc ui` (daemon) pick it up")
@@ -103,7 +103,7 @@ def _add_singer(ws, name, paths, *, append, push, instance, add) -> None:
 def build(ws: Workspace, assets: tuple[str, ...], singers: tuple[str, ...]) -> None:
     """Materialize what is stale or missing, like "Materialize unsynced" in the UI."""
     from orchestration.build import build as run_build
-    from orchestration.sensors import PER_SINGER_ASSETS
+    from orchestration.jobs import PER_SINGER_ASSETS
 
     unknown = sorted(set(assets) - set(PER_SINGER_ASSETS))
     if unknown:
@@ -119,7 +119,7 @@ def status(ws: Workspace) -> None:
     """Show each singer's partitions: fresh, stale or missing, with the DVC data version."""
     from orchestration.build import open_instance, partition_statuses
     from orchestration.definitions import build_definitions
-    from orchestration.sensors import PER_SINGER_ASSETS
+    from orchestration.jobs import PER_SINGER_ASSETS
 
     instance = open_instance(ws)
     singers = ws.singers()
@@ -148,7 +148,9 @@ def ui(ws: Workspace, port: int, host: str) -> None:
     cmd = [str(dagster if dagster.exists() else "dagster"), "dev", "-m", "orchestration.definitions",
            "-h", host, "-p", str(port)]
     click.echo(f"DAGSTER_HOME={ws.dagster_home} SVC_WORKSPACE={ws.root} {' '.join(cmd)}")
-    sys.exit(subprocess.call(cmd, cwd=ws.root, env=ws.env()))
+    os.chdir(ws.root)
+    # exec, not a child process: stopping `svc ui` must stop the webserver and the daemon with it.
+    os.execve(cmd[0], cmd, ws.env())
 
 
 def print_next_steps(ws: Workspace) -> None:

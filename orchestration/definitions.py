@@ -8,6 +8,7 @@ from __future__ import annotations
 import dagster as dg
 
 from assets.ingest import clean_audio, raw_recordings
+from orchestration.jobs import build_singer_job
 from orchestration.resources import WorkspaceResource
 from orchestration.sensors import singer_sensor
 from orchestration.workspace import Workspace
@@ -28,6 +29,7 @@ def build_definitions(workspace: Workspace | None = None) -> dg.Definitions:
     return dg.Definitions(
         assets=ASSETS,
         sensors=[singer_sensor, automation_sensor],
+        jobs=[build_singer_job],
         resources={"workspace": WorkspaceResource(root=str(ws.root))},
     )
 

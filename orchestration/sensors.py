@@ -7,15 +7,15 @@ sensor requests the new singer's per-singer assets itself. Changed recordings on
 
 import dagster as dg
 
+from orchestration.jobs import build_singer_job
 from orchestration.partitions import singers_partitions
 from orchestration.resources import WorkspaceResource
 from orchestration.singers import plan_singer_sync, raw_recordings_observation
 
-PER_SINGER_ASSETS = ["clean_audio"]
-
 
 @dg.sensor(
     name="singer_sensor",
+    job=build_singer_job,
     minimum_interval_seconds=10,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Registers a partition for every new data/raw/<singer>.dvc and requests that singer's runs; "
@@ -34,7 +34,6 @@ def singer_sensor(context: dg.SensorEvaluationContext, workspace: WorkspaceResou
         dg.RunRequest(
             run_key=f"{singer}@{plan.versions[singer]}",
             partition_key=singer,
-            asset_selection=[dg.AssetKey(a) for a in PER_SINGER_ASSETS],
             tags={"svc/reason": "new singer"},
         )
         for singer in plan.new

@@ -11,7 +11,6 @@ import soundfile as sf
 
 from orchestration.build import BuildError, build, partition_statuses, sync_singers
 from orchestration.definitions import build_definitions
-from orchestration.resources import WorkspaceResource
 from orchestration.sensors import singer_sensor
 from orchestration.singers import add_singer, register_singer
 from tests.conftest import clip, tone, write
@@ -151,11 +150,12 @@ def test_singer_with_nothing_usable_fails_cleanly(workspace, instance, voices_di
 
 
 def test_sensor_registers_new_singer_and_requests_its_run(workspace, instance, voices_dir):
-    resources = {"workspace": WorkspaceResource(root=str(workspace.root))}
+    defs = build_definitions(workspace)
+    # The daemon refuses run requests from a sensor without a target job.
+    assert defs.get_sensor_def("singer_sensor").job_name == "build_singer"
 
     def evaluate():
-        ctx = dg.build_sensor_context(instance=instance, resources=resources)
-        return singer_sensor(ctx)
+        return singer_sensor(dg.build_sensor_context(instance=instance, resources=defs.resources))
 
     empty = evaluate()
     assert empty.run_requests == [] and empty.dynamic_partitions_requests == []
@@ -170,7 +170,7 @@ def test_sensor_registers_new_singer_and_requests_its_run(workspace, instance, v
     result = evaluate()
     assert [r.partition_keys for r in result.dynamic_partitions_requests] == [["erin"]]
     (request,) = result.run_requests
-    assert request.partition_key == "erin" and request.asset_selection == [CLEAN]
+    assert request.partition_key == "erin"
     assert request.run_key == f"erin@{workspace.singer_data_version('erin')}"
     assert [e.partition for e in result.asset_events] == ["erin"]
 

@@ -1,0 +1,14 @@
+"""Jobs: what a sensor or a person launches as one run."""
+import dagster as dg
+
+from orchestration.partitions import singers_partitions
+
+# Every asset partitioned by singer, in graph order. A new singer needs exactly these runs.
+PER_SINGER_ASSETS = ["clean_audio"]
+
+build_singer_job = dg.define_asset_job(
+    "build_singer",
+    selection=dg.AssetSelection.assets(*PER_SINGER_ASSETS),
+    partitions_def=singers_partitions,
+    description="Build every per-singer asset for one singer partition.",
+)
