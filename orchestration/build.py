@@ -78,7 +78,7 @@ def build(
 
     The runs are recorded in the workspace's instance, so they show in the Dagster UI's run history.
     """
-    from orchestration.definitions import ASSETS, build_definitions
+    from orchestration.definitions import ASSET_CHECKS, ASSETS, build_definitions
 
     instance = instance or open_instance(ws)
     sync_singers(ws, instance)
@@ -98,7 +98,7 @@ def build(
         log(f"materializing {', '.join(f'{a}[{singer}]' for a in todo)}")
         started = time.perf_counter()
         result = dg.materialize(
-            ASSETS,
+            [*ASSETS, *ASSET_CHECKS],
             selection=[dg.AssetKey(a) for a in todo],
             partition_key=singer,
             instance=instance,

@@ -186,8 +186,8 @@ def demo(ctx: click.Context, workspace_dir: str | None) -> None:
             _add_singer(ws, singer, [str(DEMO_VOICES_DIR / singer)], append=False, push=True,
                         instance=instance, add=add_singer)
         t_build = time.perf_counter()
-        click.secho("== building clean_audio (only stale or missing partitions)", bold=True)
-        steps = run_build(ws, assets=["clean_audio"], instance=instance, log=click.echo)
+        click.secho("== building clean_audio and the features (only stale or missing partitions)", bold=True)
+        steps = run_build(ws, instance=instance, log=click.echo)
         build_s = time.perf_counter() - t_build
     except (WorkspaceError, ValueError, FileNotFoundError, RuntimeError) as exc:
         _fail(str(exc))

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import dagster as dg
 
+from assets.features import frames_aligned, pitch, ppg, speaker_embedding, vec
 from assets.ingest import clean_audio, raw_recordings
 from orchestration.jobs import build_singer_job
-from orchestration.resources import WorkspaceResource
+from orchestration.resources import FeatureExtractorsResource, WorkspaceResource
 from orchestration.sensors import singer_sensor
 from orchestration.workspace import Workspace
 
-ASSETS = [raw_recordings, clean_audio]
+ASSETS = [raw_recordings, clean_audio, pitch, ppg, vec, speaker_embedding]
+ASSET_CHECKS = [frames_aligned]
 
 # Eager conditions only act while this sensor runs (under `dagster dev` or the daemon).
 automation_sensor = dg.AutomationConditionSensorDefinition(
@@ -28,9 +30,13 @@ def build_definitions(workspace: Workspace | None = None) -> dg.Definitions:
     ws = workspace or Workspace.discover()
     return dg.Definitions(
         assets=ASSETS,
+        asset_checks=ASSET_CHECKS,
         sensors=[singer_sensor, automation_sensor],
         jobs=[build_singer_job],
-        resources={"workspace": WorkspaceResource(root=str(ws.root))},
+        resources={
+            "workspace": WorkspaceResource(root=str(ws.root)),
+            "extractors": FeatureExtractorsResource(root=str(ws.root)),
+        },
     )
 
 

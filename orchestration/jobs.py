@@ -4,7 +4,7 @@ import dagster as dg
 from orchestration.partitions import singers_partitions
 
 # Every asset partitioned by singer, in graph order. A new singer needs exactly these runs.
-PER_SINGER_ASSETS = ["clean_audio"]
+PER_SINGER_ASSETS = ["clean_audio", "pitch", "ppg", "vec", "speaker_embedding"]
 
 build_singer_job = dg.define_asset_job(
     "build_singer",

@@ -15,3 +15,22 @@ class WorkspaceResource(dg.ConfigurableResource):
 
     def get(self) -> Workspace:
         return Workspace(Path(self.root))
+
+
+_EXTRACTORS: dict[tuple[str, str], object] = {}
+
+
+class FeatureExtractorsResource(dg.ConfigurableResource):
+    """Feature extractors for the workspace's config, loaded once per process and reused by every asset."""
+
+    root: str
+
+    def get(self, feature: str):
+        from svc_model.features import build_extractor
+
+        ws = Workspace(Path(self.root))
+        cfg = ws.config().features
+        key = (feature, cfg.model_dump_json())
+        if key not in _EXTRACTORS:
+            _EXTRACTORS[key] = build_extractor(feature, cfg, root=ws.root)
+        return _EXTRACTORS[key]
