@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0, help="audio per extractor (real voices)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--whisper-size", default="tiny", help="openai-whisper architecture (random weights)")
+    parser.add_argument("--only", type=int, default=None, help=argparse.SUPPRESS)  # one row, in a subprocess
     args = parser.parse_args()
 
     import torch
@@ -56,8 +58,6 @@ def main() -> None:
     from svc_model.features.speaker import ResemblyzerSpeaker
     from svc_model.features.vec import HubertVec
 
-    clips = load_audio(args.seconds)
-    seconds = sum(len(c) for c in clips) / 16000
     dev = dict(device=args.device)
     candidates = [
         ("pitch", "crepe full", lambda: CrepePitch(model="full", **dev)),
@@ -71,11 +71,24 @@ def main() -> None:
         ("vec", "hubert tiny profile (random 128x2)", lambda: HubertVec(pretrained=False, layer=2, **dev)),
         ("speaker", "resemblyzer", lambda: ResemblyzerSpeaker(**dev)),
     ]
-    print(f"audio: {len(clips)} clips, {seconds:.1f} s of real speech at 16 kHz; device {args.device}; "
-          f"torch threads {torch.get_num_threads()}")
-    print(f"| feature | backend | load s | RTF | x real time | peak RSS MB |")
-    print(f"| --- | --- | ---: | ---: | ---: | ---: |")
-    for feature, name, make in candidates:
+    if args.only is None:
+        # Each extractor runs in its own process, so that its peak RSS is its own.
+        clips = load_audio(args.seconds)
+        print(f"audio: {len(clips)} clips, {sum(len(c) for c in clips) / 16000:.1f} s of real speech at 16 kHz; "
+              f"device {args.device}; torch threads {torch.get_num_threads()}")
+        print("| feature | backend | load s | RTF | x real time | peak RSS MB |")
+        print("| --- | --- | ---: | ---: | ---: | ---: |", flush=True)
+        for i in range(len(candidates)):
+            cmd = [sys.executable, __file__, "--only", str(i), "--seconds", str(args.seconds),
+                   "--device", args.device, "--whisper-size", args.whisper_size]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            rows = [line for line in out.stdout.splitlines() if line.startswith("|")]
+            print(rows[-1] if rows else f"| {candidates[i][0]} | {candidates[i][1]} | failed: {out.stderr[-300:]} |",
+                  flush=True)
+        return
+    clips = load_audio(args.seconds)
+    seconds = sum(len(c) for c in clips) / 16000
+    for feature, name, make in candidates[args.only : args.only + 1]:
         started = time.perf_counter()
         extractor = make()
         extractor.extract(clips[0][:16000])

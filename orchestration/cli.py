@@ -153,6 +153,34 @@ def ui(ws: Workspace, port: int, host: str) -> None:
     os.execve(cmd[0], cmd, ws.env())
 
 
+def _print_singer_table(ws: Workspace, singers: list[str]) -> None:
+    """Segments, minutes and pitch statistics per singer, and which extractors made the features."""
+    import pandas as pd
+
+    from svc_model.preprocess import load_manifest
+
+    click.echo(f"{'singer':<12} {'files':>5} {'segments':>8} {'minutes':>8} {'voiced':>7} {'median f0':>10}")
+    backends = {}
+    for singer in singers:
+        manifest = load_manifest(ws.partition_dir("clean_audio", singer))
+        pitch_dir = ws.partition_dir("pitch", singer)
+        voiced, f0 = "-", "-"
+        if (pitch_dir / "manifest.parquet").exists():
+            pitch = pd.read_parquet(pitch_dir / "manifest.parquet")
+            weights = pitch["frames"] / pitch["frames"].sum()
+            voiced = f"{(pitch['voiced_ratio'] * weights).sum():.2f}"
+            f0 = f"{pitch['median_f0_hz'].median():.0f} Hz"
+        for feature in ("pitch", "ppg", "vec", "speaker_embedding"):
+            path = ws.partition_dir(feature, singer) / "manifest.parquet"
+            if path.exists():
+                row = pd.read_parquet(path, columns=["backend", "pretrained"]).iloc[0]
+                backends[feature] = f"{row['backend']} ({'pretrained' if row['pretrained'] else 'RANDOM weights'})"
+        click.echo(f"{singer:<12} {manifest['source_file'].nunique():>5} {len(manifest):>8} "
+                   f"{manifest['duration_s'].sum() / 60:>8.2f} {voiced:>7} {f0:>10}")
+    for feature, backend in backends.items():
+        click.echo(f"  {feature:<18} {backend}")
+
+
 def print_next_steps(ws: Workspace) -> None:
     venv_bin = Path(sys.executable).parent
     click.echo("\nWhere to look next:")
@@ -171,7 +199,6 @@ def demo(ctx: click.Context, workspace_dir: str | None) -> None:
     from orchestration.build import build as run_build
     from orchestration.build import open_instance
     from orchestration.singers import add_singer
-    from svc_model.preprocess import load_manifest
 
     started = time.perf_counter()
     root = Path(workspace_dir or (ctx.obj or {}).get("workspace_dir") or PROJECT_ROOT / "demo")
@@ -192,11 +219,7 @@ def demo(ctx: click.Context, workspace_dir: str | None) -> None:
     except (WorkspaceError, ValueError, FileNotFoundError, RuntimeError) as exc:
         _fail(str(exc))
     click.secho("\n== summary", bold=True)
-    click.echo(f"{'singer':<12} {'files':>5} {'segments':>8} {'minutes':>8}")
-    for singer in DEMO_SINGERS:
-        manifest = load_manifest(ws.partition_dir("clean_audio", singer))
-        click.echo(f"{singer:<12} {manifest['source_file'].nunique():>5} {len(manifest):>8} "
-                   f"{manifest['duration_s'].sum() / 60:>8.2f}")
+    _print_singer_table(ws, DEMO_SINGERS)
     click.echo(f"materialized {len(steps)} partition run(s) in {build_s:.1f} s; demo total {time.perf_counter() - started:.1f} s")
     print_next_steps(ws)
 

@@ -110,12 +110,113 @@ class FeaturesConfig(_Strict):
     speaker: SpeakerConfig = SpeakerConfig()
 
 
+class SpectrogramConfig(_Strict):
+    """STFT and mel settings at the model rate; ``hop`` must equal the decoder's total upsampling."""
+
+    n_fft: int = Field(1024, gt=0)
+    hop: int = Field(320, gt=0)
+    win: int = Field(1024, gt=0)
+    n_mels: int = Field(100, gt=0)
+    fmin: float = Field(50.0, ge=0)
+    fmax: float = Field(16000.0, gt=0)
+
+
+class ModelConfig(_Strict):
+    """Sizes of the VITS-style model. Defaults are the seed's scale (configs/base.yaml)."""
+
+    ppg_dim: int = Field(1280, gt=0, description="must match the PPG features (Whisper width)")
+    vec_dim: int = Field(768, gt=0, description="must match the vec features (HuBERT width)")
+    spk_dim: int = Field(256, gt=0, description="speaker embedding size (resemblyzer: 256)")
+    gin_channels: int = Field(256, gt=0, description="speaker conditioning width")
+    hidden_channels: int = Field(192, gt=0)
+    inter_channels: int = Field(192, gt=0, description="latent z channels")
+    filter_channels: int = Field(640, gt=0)
+    n_heads: int = Field(2, gt=0)
+    prior_layers: int = Field(6, gt=0)
+    prior_kernel_size: int = Field(3, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    posterior_layers: int = Field(16, gt=0)
+    posterior_kernel_size: int = Field(5, gt=0)
+    flow_layers: int = Field(4, gt=0, description="coupling layers")
+    flow_wavenet_layers: int = Field(4, gt=0)
+    upsample_rates: list[int] = [5, 4, 4, 2, 2]
+    upsample_kernel_sizes: list[int] = [15, 8, 8, 4, 4]
+    upsample_initial_channel: int = Field(320, gt=0)
+    resblock_kernel_sizes: list[int] = [3, 7, 11]
+    resblock_dilation_sizes: list[list[int]] = [[1, 3, 5], [1, 3, 5], [1, 3, 5]]
+    n_harmonics: int = Field(8, ge=0)
+    pitch_bins: int = Field(256, gt=2)
+    mpd_periods: list[int] = [2, 3, 5, 7, 11]
+    mrd_resolutions: list[list[int]] = [[1024, 120, 600], [2048, 240, 1200], [512, 50, 240]]
+    disc_channels: int = Field(32, gt=0)
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "ModelConfig":
+        if len(self.upsample_rates) != len(self.upsample_kernel_sizes):
+            raise ValueError("upsample_rates and upsample_kernel_sizes must have the same length")
+        for rate, kernel in zip(self.upsample_rates, self.upsample_kernel_sizes):
+            if kernel < rate or (kernel - rate) % 2:
+                raise ValueError(f"upsample kernel {kernel} must be >= rate {rate} with an even difference")
+        if self.upsample_initial_channel % 2 ** len(self.upsample_rates):
+            raise ValueError("upsample_initial_channel must halve cleanly at every upsampling stage")
+        if self.hidden_channels % self.n_heads:
+            raise ValueError("hidden_channels must be divisible by n_heads")
+        return self
+
+
+class LossWeights(_Strict):
+    """The seed's weights: mel 1, STFT 9, KL 0.2 forward and 0.1 reverse, feature matching 2, speaker 2."""
+
+    mel: float = Field(1.0, ge=0)
+    stft: float = Field(9.0, ge=0)
+    kl_forward: float = Field(0.2, ge=0)
+    kl_reverse: float = Field(0.1, ge=0)
+    adversarial: float = Field(1.0, ge=0)
+    feature_matching: float = Field(2.0, ge=0)
+    speaker: float = Field(2.0, ge=0)
+
+
+class TrainConfig(_Strict):
+    learning_rate: float = Field(2e-4, gt=0)
+    betas: tuple[float, float] = (0.8, 0.99)
+    eps: float = Field(1e-9, gt=0)
+    lr_decay: float = Field(0.999875, gt=0, le=1, description="exponential decay per step")
+    batch_size: int = Field(8, gt=0)
+    segment_size: int = Field(8000, gt=0, description="samples at the model rate per training crop")
+    steps: int = Field(100000, gt=0)
+    grad_clip: float = Field(100.0, gt=0, description="max gradient norm, generator and discriminator")
+    fp16: bool = Field(True, description="mixed precision on CUDA (ignored on the CPU)")
+    seed: int = 1234
+    deterministic: bool = Field(False, description="deterministic algorithms and a single data worker")
+    num_workers: int = Field(0, ge=0)
+    log_every: int = Field(10, gt=0)
+    checkpoint_every: int = Field(1000, gt=0)
+    validate_every: int = Field(1000, gt=0)
+    keep_checkpoints: int = Field(3, gt=0)
+    valid_fraction: float = Field(0.1, ge=0, lt=1, description="segments held out, by a hash of their id")
+    loss_weights: LossWeights = LossWeights()
+
+
 class SVCConfig(_Strict):
     """The whole configuration of one profile."""
 
     name: str = "custom"
     audio: AudioConfig = AudioConfig()
     features: FeaturesConfig = FeaturesConfig()
+    spectrogram: SpectrogramConfig = SpectrogramConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SVCConfig":
+        import math
+
+        if math.prod(self.model.upsample_rates) != self.spectrogram.hop:
+            raise ValueError(f"model.upsample_rates multiply to {math.prod(self.model.upsample_rates)}, "
+                             f"but spectrogram.hop is {self.spectrogram.hop}")
+        if self.train.segment_size % self.spectrogram.hop:
+            raise ValueError("train.segment_size must be a multiple of spectrogram.hop")
+        return self
 
     def to_flat_dict(self) -> dict[str, object]:
         """``{"audio.sample_rate": 32000, ...}``, e.g. for MLflow params."""

@@ -1,0 +1,84 @@
+"""The training losses, one function each. Lower is better for all of them."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def mel_loss(mel_hat: torch.Tensor, mel: torch.Tensor) -> torch.Tensor:
+    """L1 between log-mel spectrograms."""
+    return F.l1_loss(mel_hat, mel)
+
+
+class MultiResolutionSTFTLoss(nn.Module):
+    """Spectral convergence + log-magnitude L1, averaged over several STFT resolutions."""
+
+    def __init__(self, resolutions=((1024, 120, 600), (2048, 240, 1200), (512, 50, 240))):
+        super().__init__()
+        self.resolutions = [tuple(r) for r in resolutions]
+        for i, (_, _, win) in enumerate(self.resolutions):
+            self.register_buffer(f"window{i}", torch.hann_window(win), persistent=False)
+
+    def _mag(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        n_fft, hop, win = self.resolutions[i]
+        spec = torch.stft(x.float(), n_fft, hop, win, getattr(self, f"window{i}"), return_complex=True)
+        return torch.sqrt(torch.clamp(spec.real ** 2 + spec.imag ** 2, min=1e-7))
+
+    def forward(self, y_hat: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, N)`` or ``(B, 1, N)`` each -> (spectral convergence, log magnitude)."""
+        y_hat, y = y_hat.reshape(y_hat.shape[0], -1), y.reshape(y.shape[0], -1)
+        sc, mag = 0.0, 0.0
+        for i in range(len(self.resolutions)):
+            s_hat, s = self._mag(y_hat, i), self._mag(y, i)
+            sc = sc + torch.linalg.norm(s - s_hat) / torch.linalg.norm(s).clamp(min=1e-7)
+            mag = mag + F.l1_loss(torch.log(s_hat), torch.log(s))
+        n = len(self.resolutions)
+        return sc / n, mag / n
+
+
+def generator_adversarial_loss(fake_scores: list[torch.Tensor]) -> torch.Tensor:
+    """Least-squares GAN, generator side: push D(G(x)) to 1."""
+    return sum(torch.mean((1 - s.float()) ** 2) for s in fake_scores)
+
+
+def discriminator_loss(real_scores: list[torch.Tensor], fake_scores: list[torch.Tensor]) -> torch.Tensor:
+    """Least-squares GAN, discriminator side: D(real) to 1, D(fake) to 0."""
+    return sum(torch.mean((1 - r.float()) ** 2) + torch.mean(f.float() ** 2) for r, f in zip(real_scores, fake_scores))
+
+
+def feature_matching_loss(real_fmaps: list[list[torch.Tensor]], fake_fmaps: list[list[torch.Tensor]]) -> torch.Tensor:
+    """L1 between the discriminators' intermediate features on real and generated audio (real detached)."""
+    loss = 0.0
+    for real, fake in zip(real_fmaps, fake_fmaps):
+        for r, f in zip(real, fake):
+            loss = loss + torch.mean(torch.abs(r.detach().float() - f.float()))
+    return loss
+
+
+def kl_loss(z: torch.Tensor, logs_from: torch.Tensor, m_to: torch.Tensor, logs_to: torch.Tensor,
+            mask: torch.Tensor, logdet: torch.Tensor | None = None) -> torch.Tensor:
+    """Sampled KL(from || to) per masked frame: ``z`` is a sample of the ``from`` distribution, mapped into the
+    space of the Gaussian ``to`` (mean ``m_to``, log-std ``logs_to``); ``logdet`` is that mapping's log-determinant.
+    """
+    z, logs_from, m_to, logs_to = z.float(), logs_from.float(), m_to.float(), logs_to.float()
+    kl = logs_to - logs_from - 0.5 + 0.5 * (z - m_to) ** 2 * torch.exp(-2.0 * logs_to)
+    total = torch.sum(kl * mask)
+    if logdet is not None:
+        total = total - torch.sum(logdet)
+    return total / torch.sum(mask).clamp(min=1)
+
+
+def kl_forward(z_p, logs_q, m_p, logs_p, mask, logdet=None) -> torch.Tensor:
+    """KL(q || p): the posterior sample pushed through the flow, against the prior."""
+    return kl_loss(z_p, logs_q, m_p, logs_p, mask, logdet)
+
+
+def kl_reverse(z_q, logs_p, m_q, logs_q, mask, logdet=None) -> torch.Tensor:
+    """KL(p || q): a prior sample pulled back through the inverse flow, against the posterior."""
+    return kl_loss(z_q, logs_p, m_q, logs_q, mask, logdet)
+
+
+def speaker_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - cosine similarity between the embedding of the output and the target speaker's, batch mean."""
+    return torch.mean(1.0 - F.cosine_similarity(predicted.float(), target.float(), dim=-1))
