@@ -182,7 +182,8 @@ class TrainConfig(_Strict):
     eps: float = Field(1e-9, gt=0)
     lr_decay: float = Field(0.999875, gt=0, le=1, description="exponential decay per step")
     batch_size: int = Field(8, gt=0)
-    segment_size: int = Field(8000, gt=0, description="samples at the model rate per training crop")
+    segment_size: int = Field(8000, gt=0, description="samples at the model rate that the decoder generates")
+    max_frames: int = Field(400, gt=0, description="frames (10 ms) per loaded window that the encoders see")
     steps: int = Field(100000, gt=0)
     grad_clip: float = Field(100.0, gt=0, description="max gradient norm, generator and discriminator")
     fp16: bool = Field(True, description="mixed precision on CUDA (ignored on the CPU)")
@@ -216,6 +217,8 @@ class SVCConfig(_Strict):
                              f"but spectrogram.hop is {self.spectrogram.hop}")
         if self.train.segment_size % self.spectrogram.hop:
             raise ValueError("train.segment_size must be a multiple of spectrogram.hop")
+        if self.train.max_frames * self.spectrogram.hop < self.train.segment_size:
+            raise ValueError("train.max_frames must cover train.segment_size")
         return self
 
     def to_flat_dict(self) -> dict[str, object]:

@@ -1,0 +1,409 @@
+"""The training loop: GAN + VAE training of :class:`SVCModel`, checkpoints, exact resume, fine-tuning, TensorBoard.
+
+The trainer knows nothing of MLflow or Dagster: anything that wants to follow a run attaches a
+:class:`TrainerCallback`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from svc_model.config import SVCConfig
+from svc_model.data import SegmentDataset, StepBatches, collate
+from svc_model.features.base import pick_device
+from svc_model.model import SVCModel
+from svc_model.model.discriminators import Discriminator
+from svc_model.model.losses import (
+    MultiResolutionSTFTLoss,
+    discriminator_loss,
+    feature_matching_loss,
+    generator_adversarial_loss,
+    kl_forward,
+    kl_reverse,
+    mel_loss,
+    speaker_loss,
+)
+from svc_model.model.modules import slice_segments
+from svc_model.model.spectral import LinearSpectrogram, LogMelSpectrogram
+from svc_model.model.speaker import SpeakerEmbedder
+
+CHECKPOINT_GLOB = "step-*.pt"
+
+
+class TrainerCallback:
+    """Hooks a tracking layer can implement. Called on rank 0 only."""
+
+    def on_start(self, trainer: "Trainer") -> None: ...
+
+    def on_step(self, step: int, losses: dict[str, float]) -> None: ...
+
+    def on_validation(self, step: int, metrics: dict[str, float], samples: list[dict]) -> None: ...
+
+    def on_checkpoint(self, step: int, path: Path) -> None: ...
+
+    def on_end(self, trainer: "Trainer") -> None: ...
+
+
+@dataclass
+class TrainResult:
+    step: int
+    checkpoint: Path | None
+    history: list[dict[str, float]] = field(default_factory=list)
+    validation: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj, path: Path) -> None:
+    """Write to a temp file in the same folder, then rename: a crash never leaves a truncated checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    found = sorted(Path(directory).glob(CHECKPOINT_GLOB), key=lambda p: int(p.stem.split("-")[1]))
+    return found[-1] if found else None
+
+
+def load_model(checkpoint: str | Path, device: str = "cpu") -> tuple[SVCModel, SVCConfig, dict]:
+    """An :class:`SVCModel` in eval mode from a checkpoint, with its config and the checkpoint's extras."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+        cfg = SVCConfig.model_validate(ckpt["config"])
+    except Exception as exc:  # a truncated or foreign file
+        raise ValueError(f"{path}: not a VoiceCraft SVC checkpoint ({type(exc).__name__}: {exc})") from exc
+    model = SVCModel(cfg.model, cfg.spectrogram.n_fft // 2 + 1, cfg.audio.sample_rate)
+    model.load_state_dict(ckpt["generator"])
+    return model.to(device).eval(), cfg, ckpt
+
+
+class Trainer:
+    """Train from scratch, resume exactly from ``out_dir``'s latest checkpoint, or fine-tune from ``init_from``.
+
+    ``manifest`` is a training manifest (see :mod:`svc_model.data`); rows with ``split == "valid"`` are held out
+    for validation audio and metrics.
+    """
+
+    def __init__(self, cfg: SVCConfig, manifest: pd.DataFrame, out_dir: str | Path, *, device: str = "auto",
+                 init_from: str | Path | None = None, resume: bool = True,
+                 callbacks: Iterable[TrainerCallback] = (), log: Callable[[str], None] = print,
+                 tensorboard: bool = True):
+        self.cfg, self.log = cfg, log
+        self.out_dir = Path(out_dir)
+        self.device = pick_device(device)
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.callbacks = list(callbacks) if self.rank == 0 else []
+        t = cfg.train
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        set_seed(t.seed)
+        self._check_manifest(manifest)
+        self.train_rows = manifest[manifest["split"] == "train"].reset_index(drop=True)
+        self.valid_rows = manifest[manifest["split"] == "valid"].reset_index(drop=True)
+        if self.train_rows.empty:
+            raise ValueError("the training manifest has no 'train' rows")
+        self.singers = singer_table(manifest)
+        hop = cfg.spectrogram.hop
+        self.segment_frames = t.segment_size // hop
+        self.dataset = SegmentDataset(self.train_rows, hop, t.max_frames)
+
+        spec_channels = cfg.spectrogram.n_fft // 2 + 1
+        self.generator = SVCModel(cfg.model, spec_channels, cfg.audio.sample_rate).to(self.device)
+        self.discriminator = Discriminator(cfg.model.mpd_periods, cfg.model.mrd_resolutions,
+                                           cfg.model.disc_channels).to(self.device)
+        s = cfg.spectrogram
+        self.linear_spec = LinearSpectrogram(s.n_fft, s.hop, s.win).to(self.device)
+        self.mel = LogMelSpectrogram(cfg.audio.sample_rate, s.n_fft, s.hop, s.win, s.n_mels, s.fmin, s.fmax).to(self.device)
+        self.stft_loss = MultiResolutionSTFTLoss(cfg.model.mrd_resolutions).to(self.device)
+        self.speaker_embedder = SpeakerEmbedder(cfg.audio.sample_rate).to(self.device)
+        opt = dict(lr=t.learning_rate, betas=tuple(t.betas), eps=t.eps)
+        self.optim_g = torch.optim.AdamW(self.generator.parameters(), **opt)
+        self.optim_d = torch.optim.AdamW(self.discriminator.parameters(), **opt)
+        self.sched_g = torch.optim.lr_scheduler.ExponentialLR(self.optim_g, t.lr_decay)
+        self.sched_d = torch.optim.lr_scheduler.ExponentialLR(self.optim_d, t.lr_decay)
+        self.amp = t.fp16 and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.step = 0
+        self.init_from = None
+        latest = latest_checkpoint(self.out_dir) if resume else None
+        if latest is not None:
+            self._restore(latest)
+            log(f"resumed from {latest} at step {self.step}")
+        elif init_from is not None:
+            self._init_weights(Path(init_from))
+            log(f"fine-tuning from {init_from}")
+        self.writer = None
+        if tensorboard and self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+
+    # ---- state -----------------------------------------------------------------------------------------------
+    def _check_manifest(self, manifest: pd.DataFrame) -> None:
+        missing = {"segment_id", "split", "audio", "pitch", "ppg", "vec", "speaker"} - set(manifest.columns)
+        if missing:
+            raise ValueError(f"training manifest lacks columns {sorted(missing)}")
+        row = manifest.iloc[0]
+        for column, expected, name in (("ppg", self.cfg.model.ppg_dim, "model.ppg_dim"),
+                                       ("vec", self.cfg.model.vec_dim, "model.vec_dim")):
+            dim = np.load(row[column], mmap_mode="r").shape[-1]
+            if dim != expected:
+                raise ValueError(f"{row[column]}: {column} features are {dim}-d but {name} is {expected}; "
+                                 f"set {name}: {dim} or rebuild the features")
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "config": self.cfg.model_dump(mode="json"),
+            "generator": self.generator.state_dict(),
+            "discriminator": self.discriminator.state_dict(),
+            "optim_g": self.optim_g.state_dict(), "optim_d": self.optim_d.state_dict(),
+            "sched_g": self.sched_g.state_dict(), "sched_d": self.sched_d.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "init_from": str(self.init_from) if self.init_from else None,
+            "singers": self.singers,
+        }
+
+    def _restore(self, path: Path) -> None:
+        ckpt = torch.load(path, map_location=self.device, weights_only=False)
+        self.generator.load_state_dict(ckpt["generator"])
+        self.discriminator.load_state_dict(ckpt["discriminator"])
+        self.optim_g.load_state_dict(ckpt["optim_g"])
+        self.optim_d.load_state_dict(ckpt["optim_d"])
+        self.sched_g.load_state_dict(ckpt["sched_g"])
+        self.sched_d.load_state_dict(ckpt["sched_d"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        self.step = int(ckpt["step"])
+        self.init_from = ckpt.get("init_from")
+
+    def _init_weights(self, path: Path) -> None:
+        """Fine-tuning: weights of both networks from ``path``; fresh optimizers, step 0."""
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: base checkpoint for fine-tuning not found")
+        ckpt = torch.load(path, map_location=self.device, weights_only=False)
+        try:
+            self.generator.load_state_dict(ckpt["generator"])
+            if "discriminator" in ckpt:
+                self.discriminator.load_state_dict(ckpt["discriminator"])
+        except RuntimeError as exc:
+            raise ValueError(f"{path}: its model does not match this config's model section ({exc})") from exc
+        self.init_from = path
+
+    def save_checkpoint(self) -> Path | None:
+        if self.rank != 0:
+            return None
+        path = self.out_dir / f"step-{self.step:08d}.pt"
+        atomic_save(self.state_dict(), path)
+        old = sorted(self.out_dir.glob(CHECKPOINT_GLOB), key=lambda p: int(p.stem.split("-")[1]))
+        for stale in old[: -self.cfg.train.keep_checkpoints]:
+            stale.unlink(missing_ok=True)
+        for cb in self.callbacks:
+            cb.on_checkpoint(self.step, path)
+        return path
+
+    # ---- one step --------------------------------------------------------------------------------------------
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        w, t = self.cfg.train.loss_weights, self.cfg.train
+        hop = self.cfg.spectrogram.hop
+        batch = self._to_device(batch)
+        self.generator.train()
+        self.discriminator.train()
+        with torch.autocast(self.device.type, enabled=self.amp):
+            spec = self.linear_spec(batch["audio"])
+            out = self.generator(batch["ppg"], batch["vec"], batch["f0"], spec, batch["speaker"], batch["lengths"],
+                                 self.segment_frames)
+            y = slice_segments(batch["audio"].unsqueeze(1), out.slice_starts * hop, self.segment_frames * hop)
+            y_hat = out.audio
+
+            # Discriminator: real to 1, generated to 0.
+            real = self.discriminator(y)
+            fake = self.discriminator(y_hat.detach())
+            loss_d = discriminator_loss([s for s, _ in real], [s for s, _ in fake])
+        self.optim_d.zero_grad(set_to_none=True)
+        self.scaler.scale(loss_d).backward()
+        self.scaler.unscale_(self.optim_d)
+        grad_d = torch.nn.utils.clip_grad_norm_(self.discriminator.parameters(), t.grad_clip)
+        self.scaler.step(self.optim_d)
+
+        with torch.autocast(self.device.type, enabled=self.amp):
+            real = self.discriminator(y)
+            fake = self.discriminator(y_hat)
+            losses = {
+                "mel": mel_loss(self.mel(y_hat.squeeze(1)), self.mel(y.squeeze(1))),
+            }
+            sc, mag = self.stft_loss(y_hat, y)
+            losses["stft"] = sc + mag
+            losses["kl_forward"] = kl_forward(out.z_p, out.logs_q, out.m_p, out.logs_p, out.mask, out.logdet_forward)
+            losses["kl_reverse"] = kl_reverse(out.z_q, out.logs_p, out.m_q, out.logs_q, out.mask, out.logdet_reverse)
+            losses["adversarial"] = generator_adversarial_loss([s for s, _ in fake])
+            losses["feature_matching"] = feature_matching_loss([f for _, f in real], [f for _, f in fake])
+            losses["speaker"] = speaker_loss(self.speaker_embedder(y_hat), batch["speaker"])
+            total = (w.mel * losses["mel"] + w.stft * losses["stft"] + w.kl_forward * losses["kl_forward"]
+                     + w.kl_reverse * losses["kl_reverse"] + w.adversarial * losses["adversarial"]
+                     + w.feature_matching * losses["feature_matching"] + w.speaker * losses["speaker"])
+        self.optim_g.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        self.scaler.unscale_(self.optim_g)
+        grad_g = torch.nn.utils.clip_grad_norm_(self.generator.parameters(), t.grad_clip)
+        self.scaler.step(self.optim_g)
+        self.scaler.update()
+        lr = self.optim_g.param_groups[0]["lr"]
+        self.sched_g.step()
+        self.sched_d.step()
+        self.step += 1
+        result = {k: float(v.detach()) for k, v in losses.items()}
+        result.update(generator_total=float(total.detach()), discriminator=float(loss_d.detach()),
+                      grad_norm_g=float(grad_g), grad_norm_d=float(grad_d), lr=lr)
+        return result
+
+    # ---- validation ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self, max_items: int = 4) -> tuple[dict[str, float], list[dict]]:
+        """Reconstruct held-out segments through the prior (as conversion does, same speaker): mel L1 and audio."""
+        rows = self.valid_rows if not self.valid_rows.empty else self.train_rows
+        dataset = SegmentDataset(rows.head(max_items), self.cfg.spectrogram.hop, max_frames=1500)
+        self.generator.eval()
+        mels, samples = [], []
+        for i in range(len(dataset)):
+            item = dataset.load(i)
+            batch = self._to_device(collate([item]))
+            audio = self.generator.infer(batch["ppg"], batch["vec"], batch["f0"], batch["speaker"])[0, 0]
+            n = min(len(audio), batch["audio"].shape[1])
+            mel_hat, mel_ref = self.mel(audio[None, :n]), self.mel(batch["audio"][:, :n])
+            mels.append(float(mel_loss(mel_hat, mel_ref)))
+            samples.append({"segment_id": rows.iloc[i]["segment_id"], "audio": audio[:n].float().cpu().numpy(),
+                            "reference": batch["audio"][0, :n].cpu().numpy(),
+                            "mel": mel_hat[0].float().cpu().numpy(), "mel_reference": mel_ref[0].cpu().numpy()})
+        return {"valid_mel": float(np.mean(mels)) if mels else float("nan")}, samples
+
+    def _log_validation(self, metrics: dict, samples: list[dict]) -> None:
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(f"valid/{k}", v, self.step)
+            for i, s in enumerate(samples):
+                self.writer.add_audio(f"valid/{i}/generated", s["audio"], self.step, self.cfg.audio.sample_rate)
+                if self.step <= self.cfg.train.validate_every:
+                    self.writer.add_audio(f"valid/{i}/reference", s["reference"], self.step, self.cfg.audio.sample_rate)
+                self.writer.add_image(f"valid/{i}/mel", mel_image(s["mel"]), self.step, dataformats="HWC")
+        for cb in self.callbacks:
+            cb.on_validation(self.step, metrics, samples)
+
+    # ---- the loop --------------------------------------------------------------------------------------------
+    def fit(self, steps: int | None = None) -> TrainResult:
+        """Train until ``cfg.train.steps`` (or for ``steps`` more). Checkpoints every ``checkpoint_every`` steps
+        and at the end, so a stopped run resumes where it left off."""
+        t = self.cfg.train
+        target = self.step + steps if steps is not None else t.steps
+        sampler = StepBatches(len(self.dataset), t.batch_size, t.seed, self.step, max(0, target - self.step),
+                              self.rank, self.world_size)
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=sampler, num_workers=0 if t.deterministic else t.num_workers,
+            collate_fn=lambda items: collate(items, self.segment_frames))
+        for cb in self.callbacks:
+            cb.on_start(self)
+        result = TrainResult(step=self.step, checkpoint=None)
+        started = time.perf_counter()
+        last = None
+        for batch in loader:
+            losses = self.train_step(batch)
+            result.history.append({"step": self.step, **losses})
+            if self.writer is not None:
+                for k, v in losses.items():
+                    self.writer.add_scalar(f"train/{k}", v, self.step)
+            for cb in self.callbacks:
+                cb.on_step(self.step, losses)
+            if self.step % t.log_every == 0 or self.step == target:
+                rate = (time.perf_counter() - started) / max(1, len(result.history))
+                self.log(f"step {self.step}/{target}  mel {losses['mel']:.3f}  stft {losses['stft']:.3f}  "
+                         f"kl {losses['kl_forward']:.3f}/{losses['kl_reverse']:.3f}  spk {losses['speaker']:.3f}  "
+                         f"adv {losses['adversarial']:.3f}  d {losses['discriminator']:.3f}  ({rate:.2f} s/step)")
+            if self.step % t.validate_every == 0:
+                metrics, samples = self.validate()
+                result.validation = metrics
+                self._log_validation(metrics, samples)
+            if self.step % t.checkpoint_every == 0:
+                last = self.save_checkpoint()
+        if last is None or int(last.stem.split("-")[1]) != self.step:
+            last = self.save_checkpoint()
+        result.step, result.checkpoint = self.step, last
+        result.seconds = time.perf_counter() - started
+        if self.writer is not None:
+            self.writer.flush()
+        for cb in self.callbacks:
+            cb.on_end(self)
+        return result
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def singer_table(manifest: pd.DataFrame) -> dict[str, dict]:
+    """Per singer: the mean speaker embedding (unit norm) and the median voiced f0, for conversion targets."""
+    from svc_model.features.speaker import mean_embedding
+
+    table = {}
+    for singer, rows in manifest.groupby("singer"):
+        embedding = mean_embedding(np.stack([np.load(p) for p in rows["speaker"]]))
+        f0 = np.concatenate([np.load(p)[:, 0] for p in rows["pitch"]])
+        voiced = f0[f0 > 0]
+        table[str(singer)] = {"embedding": embedding.tolist(),
+                              "median_f0": float(np.median(voiced)) if len(voiced) else 0.0,
+                              "segments": int(len(rows))}
+    return table
+
+
+def mel_image(mel: np.ndarray) -> np.ndarray:
+    """A log-mel as an ``(H, W, 3)`` uint8 image (low frequencies at the bottom) for TensorBoard/MLflow."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import cm
+
+    norm = (mel - mel.min()) / max(1e-6, float(mel.max() - mel.min()))
+    return (cm.magma(norm[::-1])[:, :, :3] * 255).astype(np.uint8)
+
+
+def save_config(cfg: SVCConfig, path: Path) -> None:
+    path.write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
