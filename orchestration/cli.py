@@ -138,6 +138,106 @@ def status(ws: Workspace) -> None:
 
 
 @main.command()
+@click.option("--steps", type=int, default=None, help="Steps to train (default: the config's train.steps).")
+@click.option("--name", default="default", show_default=True, help="Run folder under runs/; an existing one resumes.")
+@click.option("--fine-tune-from", "init_from", type=click.Path(dir_okay=False), default=None,
+              help="Start from this checkpoint's weights (the cheap way to add a singer).")
+@click.option("--fresh", is_flag=True, help="Ignore checkpoints already in the run folder.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--singer", "singers", multiple=True, help="Train on these singers only (default: all).")
+@with_workspace
+def train(ws: Workspace, steps, name, init_from, fresh, device, singers) -> None:
+    """Train the model on the workspace's features (runs/NAME: checkpoints, TensorBoard logs)."""
+    from orchestration.training import training_manifest
+    from svc_model.train import Trainer
+
+    run_dir = ws.runs_dir / name
+    if fresh and run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    manifest = training_manifest(ws, list(singers) or None)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest.to_parquet(run_dir / "manifest.parquet", index=False)
+    counts = manifest["split"].value_counts().to_dict()
+    click.echo(f"training on {manifest['singer'].nunique()} singer(s): {counts.get('train', 0)} train / "
+               f"{counts.get('valid', 0)} valid segments, {manifest['duration_s'].sum() / 60:.1f} min; run {run_dir}")
+    trainer = Trainer(ws.config(), manifest, run_dir, device=device, init_from=init_from, log=click.echo)
+    result = trainer.fit(steps)
+    trainer.close()
+    first, last = result.history[0] if result.history else {}, result.history[-1] if result.history else {}
+    if first:
+        click.echo(f"mel loss {first['mel']:.3f} -> {last['mel']:.3f} over {len(result.history)} steps "
+                   f"({result.seconds / len(result.history):.2f} s/step)")
+    click.echo(f"checkpoint: {result.checkpoint}")
+    click.echo(f"TensorBoard: {Path(sys.executable).parent / 'tensorboard'} --logdir {run_dir / 'tensorboard'}")
+
+
+def _parse_blend(text: str) -> dict[str, float]:
+    blend = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, weight = part.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{part!r}: use NAME=WEIGHT, e.g. alice=0.7,bob=0.3", param_hint="--blend")
+        try:
+            blend[name.strip()] = float(weight)
+        except ValueError:
+            raise click.BadParameter(f"{part!r}: weight {weight!r} is not a number", param_hint="--blend") from None
+    return blend
+
+
+@main.command()
+@click.argument("source", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Output file (.wav/.flac/.ogg).")
+@click.option("--singer", default=None, help="Target singer name.")
+@click.option("--reference", type=click.Path(dir_okay=False), default=None, help="Target: a reference recording.")
+@click.option("--blend", default=None, help="Target: a weighted blend, e.g. alice=0.7,bob=0.3.")
+@click.option("--pitch-shift", default="0", show_default=True, help="Semitones, or 'auto'.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="Model checkpoint (default: the newest under runs/).")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
+@with_workspace
+def convert(ws: Workspace, source, output, singer, reference, blend, pitch_shift, checkpoint, device) -> None:
+    """Re-sing SOURCE with a target timbre; writes 32 kHz audio to OUTPUT."""
+    from orchestration.training import latest_run_checkpoint
+    from svc_model.audio import AudioError
+    from svc_model.infer import Converter
+
+    chosen = [t for t in (singer, reference, blend) if t]
+    if len(chosen) != 1:
+        _fail("give exactly one target: --singer NAME, --reference FILE or --blend a=0.7,b=0.3")
+    target = _parse_blend(blend) if blend else (reference or singer)
+    shift = pitch_shift if pitch_shift == "auto" else pitch_shift
+    ckpt = Path(checkpoint) if checkpoint else latest_run_checkpoint(ws)
+    if ckpt is None:
+        _fail(f"no model checkpoint in {ws.runs_dir}; train one with `svc train` or pass --checkpoint")
+    out = Path(output)
+    if out.suffix.lower() not in (".wav", ".flac", ".ogg"):
+        _fail(f"{out}: output must end in .wav, .flac or .ogg")
+    from tqdm import tqdm
+
+    try:
+        converter = Converter.from_checkpoint(ckpt, device=device, root=ws.root)
+        with tqdm(total=None, desc="converting", unit="piece", disable=None) as bar:
+            def progress(done, total):
+                bar.total = total
+                bar.update(done - bar.n)
+
+            result = converter.convert(source, target, shift, progress=progress)
+    except (AudioError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    import soundfile as sf
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    sf.write(str(tmp), result.audio, result.sample_rate, format=out.suffix.lstrip(".").upper())
+    os.replace(tmp, out)
+    click.echo(f"wrote {out}: {len(result.audio) / result.sample_rate:.2f} s at {result.sample_rate} Hz; target "
+               f"{result.target}, pitch shift {result.pitch_shift:+.0f} semitones, {result.chunks} piece(s), "
+               f"{result.seconds:.1f} s (checkpoint {ckpt})")
+
+
+@main.command()
 @click.option("--port", default=3000, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @with_workspace

@@ -43,6 +43,8 @@ GITIGNORE = """\
 !/.dagster/dagster.yaml
 /.dvc-remote/
 /outputs/
+/runs/
+/models/
 /logs/
 __pycache__/
 """
@@ -131,6 +133,11 @@ class Workspace:
     @property
     def outputs_dir(self) -> Path:
         return self.root / "outputs"
+
+    @property
+    def runs_dir(self) -> Path:
+        """Training runs: checkpoints, TensorBoard logs, the manifest they trained on."""
+        return self.root / "runs"
 
     def singer_raw_dir(self, singer: str) -> Path:
         return self.raw_dir / validate_singer_name(singer)

@@ -305,6 +305,12 @@ class Trainer:
         dataset = SegmentDataset(rows.head(max_items), self.cfg.spectrogram.hop, max_frames=1500)
         self.generator.eval()
         mels, samples = [], []
+        # Fixed noise for comparable figures, and the training RNG left exactly as it was.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(0)
+            return self._validate(dataset, rows, mels, samples)
+
+    def _validate(self, dataset, rows, mels, samples):
         for i in range(len(dataset)):
             item = dataset.load(i)
             batch = self._to_device(collate([item]))
@@ -339,7 +345,9 @@ class Trainer:
                               self.rank, self.world_size)
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=sampler, num_workers=0 if t.deterministic else t.num_workers,
-            collate_fn=lambda items: collate(items, self.segment_frames))
+            collate_fn=lambda items: collate(items, self.segment_frames),
+            # Its own generator: a new loader must not draw from the global RNG, or a resumed run diverges.
+            generator=torch.Generator().manual_seed(t.seed))
         for cb in self.callbacks:
             cb.on_start(self)
         result = TrainResult(step=self.step, checkpoint=None)

@@ -77,3 +77,36 @@ def env_has_no_workspace(monkeypatch, tmp_path):
 
 def pytest_configure(config):
     os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_manifest(tmp_path_factory, voices_dir):
+    """Real segments of two voices with tiny-profile features (FCPE, Whisper tiny.en via CTranslate2, random
+    HuBERT, resemblyzer), as a training manifest. Built once per session without Dagster."""
+    import pandas as pd
+
+    from svc_model.config import load_config
+    from svc_model.data import join_singer
+    from svc_model.features import build_extractor
+    from svc_model.features.store import extract_to_dir
+    from svc_model.preprocess import clean_singer, load_manifest
+
+    cfg = load_config("tiny")
+    root = tmp_path_factory.mktemp("features")
+    frames = []
+    for singer, speaker in (("alto", "speaker-a"), ("bass", "speaker-d")):
+        raw = root / "raw" / singer
+        raw.mkdir(parents=True)
+        for src in sorted((voices_dir / speaker).glob("*.flac"))[2:5]:
+            shutil.copy(src, raw / src.name)
+        dirs = {a: root / a / singer for a in ("clean_audio", "pitch", "ppg", "vec", "speaker_embedding")}
+        for d in dirs.values():
+            d.mkdir(parents=True)
+        clean_singer(raw, dirs["clean_audio"], singer, cfg.audio, log=lambda _: None)
+        segments = load_manifest(dirs["clean_audio"])
+        for feature in ("pitch", "ppg", "vec", "speaker_embedding"):
+            extract_to_dir(build_extractor(feature, cfg.features), segments, dirs[feature], log=lambda _: None)
+        frames.append(join_singer(singer, dirs["clean_audio"], {f: dirs[f] for f in dirs if f != "clean_audio"}, 0.25))
+    manifest = pd.concat(frames, ignore_index=True)
+    assert set(manifest["split"]) == {"train", "valid"}
+    return manifest

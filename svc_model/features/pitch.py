@@ -131,10 +131,14 @@ class FcpePitch(PitchExtractor):
 
     def __init__(self, threshold: float = 0.006, **kwargs):
         super().__init__(**kwargs)
+        import contextlib
+        import io
+
         import torchfcpe
 
         self.threshold = threshold
-        self.model = torchfcpe.spawn_bundled_infer_model(device=str(self.device))
+        with contextlib.redirect_stdout(io.StringIO()):  # torchfcpe prints its config on load
+            self.model = torchfcpe.spawn_bundled_infer_model(device=str(self.device))
 
     @property
     def backend(self) -> str:

@@ -1,0 +1,35 @@
+"""Training on a workspace: the manifest of every singer's segments and features, and a run folder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from orchestration.workspace import Workspace
+
+FEATURE_ASSETS = ("pitch", "ppg", "vec", "speaker_embedding")
+
+
+def training_manifest(ws: Workspace, singers: list[str] | None = None) -> pd.DataFrame:
+    """One row per segment of every (or the given) singer, with absolute feature paths and a stable split."""
+    from svc_model.data import join_singer
+
+    cfg = ws.config()
+    singers = ws.singers() if singers is None else singers
+    if not singers:
+        raise ValueError(f"{ws.root}: no singers yet; add one with `svc add-singer NAME FILES...`")
+    frames = []
+    for singer in singers:
+        dirs = {a: ws.partition_dir(a, singer) for a in ("clean_audio", *FEATURE_ASSETS)}
+        missing = [a for a, d in dirs.items() if not (d / "manifest.parquet").is_file()]
+        if missing:
+            raise ValueError(f"singer {singer!r} has no {', '.join(missing)} yet; run `svc -C {ws.root} build`")
+        frames.append(join_singer(singer, dirs["clean_audio"], {a: dirs[a] for a in FEATURE_ASSETS},
+                                  cfg.train.valid_fraction))
+    return pd.concat(frames, ignore_index=True)
+
+
+def latest_run_checkpoint(ws: Workspace) -> Path | None:
+    """The newest checkpoint of any run under ``runs/`` (by modification time)."""
+    found = sorted(ws.runs_dir.glob("*/step-*.pt"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
