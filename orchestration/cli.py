@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import subprocess
@@ -148,27 +149,10 @@ def status(ws: Workspace) -> None:
 @with_workspace
 def train(ws: Workspace, steps, name, init_from, fresh, device, singers) -> None:
     """Train the model on the workspace's features (runs/NAME: checkpoints, TensorBoard logs)."""
-    from orchestration.training import training_manifest
-    from svc_model.train import Trainer
+    from orchestration.training import train_workspace
 
-    run_dir = ws.runs_dir / name
-    if fresh and run_dir.exists():
-        import shutil
-
-        shutil.rmtree(run_dir)
-    manifest = training_manifest(ws, list(singers) or None)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    manifest.to_parquet(run_dir / "manifest.parquet", index=False)
-    counts = manifest["split"].value_counts().to_dict()
-    click.echo(f"training on {manifest['singer'].nunique()} singer(s): {counts.get('train', 0)} train / "
-               f"{counts.get('valid', 0)} valid segments, {manifest['duration_s'].sum() / 60:.1f} min; run {run_dir}")
-    trainer = Trainer(ws.config(), manifest, run_dir, device=device, init_from=init_from, log=click.echo)
-    result = trainer.fit(steps)
-    trainer.close()
-    first, last = result.history[0] if result.history else {}, result.history[-1] if result.history else {}
-    if first:
-        click.echo(f"mel loss {first['mel']:.3f} -> {last['mel']:.3f} over {len(result.history)} steps "
-                   f"({result.seconds / len(result.history):.2f} s/step)")
+    result, run_dir = train_workspace(ws, name=name, steps=steps, init_from=init_from, fresh=fresh, device=device,
+                                      singers=list(singers) or None, log=click.echo)
     click.echo(f"checkpoint: {result.checkpoint}")
     click.echo(f"TensorBoard: {Path(sys.executable).parent / 'tensorboard'} --logdir {run_dir / 'tensorboard'}")
 
@@ -226,12 +210,9 @@ def convert(ws: Workspace, source, output, singer, reference, blend, pitch_shift
             result = converter.convert(source, target, shift, progress=progress)
     except (AudioError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
-    import soundfile as sf
+    from svc_model.audio import write_audio
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    sf.write(str(tmp), result.audio, result.sample_rate, format=out.suffix.lstrip(".").upper())
-    os.replace(tmp, out)
+    write_audio(out, result.audio, result.sample_rate)
     click.echo(f"wrote {out}: {len(result.audio) / result.sample_rate:.2f} s at {result.sample_rate} Hz; target "
                f"{result.target}, pitch shift {result.pitch_shift:+.0f} semitones, {result.chunks} piece(s), "
                f"{result.seconds:.1f} s (checkpoint {ckpt})")
@@ -251,6 +232,25 @@ def ui(ws: Workspace, port: int, host: str) -> None:
     os.chdir(ws.root)
     # exec, not a child process: stopping `svc ui` must stop the webserver and the daemon with it.
     os.execve(cmd[0], cmd, ws.env())
+
+
+DEMO_SOURCE = DEMO_VOICES_DIR / "speaker-d" / "57.flac"  # the held-back voice, used as the song to convert
+
+
+def _demo_conversions(ws: Workspace, checkpoint: Path) -> list[str]:
+    from svc_model.audio import write_audio
+    from svc_model.infer import Converter
+
+    converter = Converter.from_checkpoint(checkpoint, root=ws.root)
+    lines = []
+    for singer in DEMO_SINGERS:
+        out = ws.outputs_dir / "demo" / f"{DEMO_SOURCE.stem}-to-{singer}.wav"
+        result = converter.convert(str(DEMO_SOURCE), singer, "auto")
+        write_audio(out, result.audio, result.sample_rate)
+        lines.append(f"{out.relative_to(ws.root)}: {len(result.audio) / result.sample_rate:.1f} s, shift "
+                     f"{result.pitch_shift:+.0f} st, {result.seconds:.1f} s to convert")
+        click.echo(f"  wrote {lines[-1]}")
+    return lines
 
 
 def _print_singer_table(ws: Workspace, singers: list[str]) -> None:
@@ -295,7 +295,8 @@ def print_next_steps(ws: Workspace) -> None:
               help="Demo workspace (default: demo/ under the project; a rerun reuses it).")
 @click.pass_context
 def demo(ctx: click.Context, workspace_dir: str | None) -> None:
-    """Offline CPU demo: a workspace with three bundled voices, cleaned and sliced through Dagster."""
+    """Offline CPU demo: three bundled voices through Dagster (clean audio, features), a tiny model trained on the
+    CPU, and a held-back voice converted into each singer."""
     from orchestration.build import build as run_build
     from orchestration.build import open_instance
     from orchestration.singers import add_singer
@@ -316,11 +317,37 @@ def demo(ctx: click.Context, workspace_dir: str | None) -> None:
         click.secho("== building clean_audio and the features (only stale or missing partitions)", bold=True)
         steps = run_build(ws, instance=instance, log=click.echo)
         build_s = time.perf_counter() - t_build
+        click.secho(f"== training the {ws.settings.config} model on the CPU (runs/demo; a rerun resumes)", bold=True)
+        t_train = time.perf_counter()
+        # A process of its own, as a Dagster run would be: the feature extractors' thread pools (CTranslate2
+        # brings its own OpenMP) would otherwise compete with training for the two cores.
+        code = subprocess.call([str(Path(sys.executable).parent / "svc"), "-C", str(ws.root), "train", "--name",
+                                "demo", "--device", "cpu"])
+        if code != 0:
+            _fail(f"training failed (exit {code})")
+        train_s = time.perf_counter() - t_train
+        run_dir = ws.runs_dir / "demo"
+        from svc_model.train import latest_checkpoint
+
+        checkpoint = latest_checkpoint(run_dir)
+        history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines() if line]
+        click.secho("== converting a held-back voice into each singer", bold=True)
+        conversions = _demo_conversions(ws, checkpoint)
     except (WorkspaceError, ValueError, FileNotFoundError, RuntimeError) as exc:
         _fail(str(exc))
     click.secho("\n== summary", bold=True)
     _print_singer_table(ws, DEMO_SINGERS)
+    if history:
+        first, last = history[0], history[-1]
+        early = sum(h["mel"] for h in history[:10]) / len(history[:10])
+        late = sum(h["mel"] for h in history[-10:]) / len(history[-10:])
+        click.echo(f"training: steps {first['step']}..{last['step']}, mel loss (mean of 10 steps) {early:.3f} -> "
+                   f"{late:.3f}; this invocation {train_s:.0f} s")
+    click.echo(f"checkpoint: {checkpoint}")
+    for line in conversions:
+        click.echo(f"  {line}")
     click.echo(f"materialized {len(steps)} partition run(s) in {build_s:.1f} s; demo total {time.perf_counter() - started:.1f} s")
+    click.echo(f"  TensorBoard: {Path(sys.executable).parent / 'tensorboard'} --logdir {run_dir / 'tensorboard'}")
     print_next_steps(ws)
 
 

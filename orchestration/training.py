@@ -33,3 +33,32 @@ def latest_run_checkpoint(ws: Workspace) -> Path | None:
     """The newest checkpoint of any run under ``runs/`` (by modification time)."""
     found = sorted(ws.runs_dir.glob("*/step-*.pt"), key=lambda p: p.stat().st_mtime)
     return found[-1] if found else None
+
+
+def train_workspace(ws: Workspace, *, name: str = "default", steps: int | None = None,
+                    init_from: str | Path | None = None, fresh: bool = False, device: str = "auto",
+                    singers: list[str] | None = None, log=print):
+    """Train on the workspace's features in ``runs/<name>`` (resuming what is there unless ``fresh``)."""
+    import shutil
+
+    from svc_model.train import Trainer
+
+    run_dir = ws.runs_dir / name
+    if fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    manifest = training_manifest(ws, singers)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest.to_parquet(run_dir / "manifest.parquet", index=False)
+    counts = manifest["split"].value_counts().to_dict()
+    log(f"training on {manifest['singer'].nunique()} singer(s): {counts.get('train', 0)} train / "
+        f"{counts.get('valid', 0)} valid segments, {manifest['duration_s'].sum() / 60:.1f} min; run {run_dir}")
+    trainer = Trainer(ws.config(), manifest, run_dir, device=device, init_from=init_from, log=log)
+    try:
+        result = trainer.fit(steps)
+    finally:
+        trainer.close()
+    if result.history:
+        first, last = result.history[0], result.history[-1]
+        log(f"mel loss {first['mel']:.3f} -> {last['mel']:.3f} over {len(result.history)} steps "
+            f"({result.seconds / len(result.history):.2f} s/step)")
+    return result, run_dir

@@ -270,16 +270,30 @@ def find_segments(audio: np.ndarray, sr: int, cfg: AudioConfig | None = None) ->
     return out
 
 
-def write_wav(path: str | Path, audio: np.ndarray, sr: int) -> None:
-    """16-bit PCM WAV (small, lossless enough for training data)."""
+WRITE_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS")}
+
+
+def write_audio(path: str | Path, audio: np.ndarray, sr: int) -> None:
+    """Write mono audio, format from the suffix (16-bit WAV/FLAC, or Ogg Vorbis), atomically (temp + rename)."""
+    import os
+
     import soundfile as sf
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(path), np.clip(audio, -1.0, 1.0), sr, subtype="PCM_16")
+    path = Path(path)
+    if path.suffix.lower() not in WRITE_FORMATS:
+        raise ValueError(f"{path}: cannot write {path.suffix!r}; use one of {', '.join(WRITE_FORMATS)}")
+    fmt, subtype = WRITE_FORMATS[path.suffix.lower()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        sf.write(str(tmp), np.clip(audio, -1.0, 1.0), sr, format=fmt, subtype=subtype)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
-    """Read a file written by :func:`write_wav` as mono float32."""
+    """Read a file written by :func:`write_audio` as mono float32."""
     import soundfile as sf
 
     data, sr = sf.read(str(path), dtype="float32", always_2d=True)

@@ -17,7 +17,7 @@ from svc_model.audio import (
     load_recording,
     normalize_loudness,
     resample,
-    write_wav,
+    write_audio,
 )
 from svc_model.config import AudioConfig
 
@@ -126,8 +126,8 @@ def clean_singer(
         for j, (start, end) in enumerate(segments):
             seg_name = f"{keys[rel]}_{j:03d}"
             piece = audio[start:end]
-            write_wav(out_dir / "wav" / f"{seg_name}.wav", piece, cfg.sample_rate)
-            write_wav(
+            write_audio(out_dir / "wav" / f"{seg_name}.wav", piece, cfg.sample_rate)
+            write_audio(
                 out_dir / "wav16k" / f"{seg_name}.wav",
                 resample(piece, cfg.sample_rate, cfg.feature_sample_rate),
                 cfg.feature_sample_rate,

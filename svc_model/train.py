@@ -124,6 +124,7 @@ class Trainer:
                  tensorboard: bool = True):
         self.cfg, self.log = cfg, log
         self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         self.device = pick_device(device)
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -164,6 +165,7 @@ class Trainer:
         latest = latest_checkpoint(self.out_dir) if resume else None
         if latest is not None:
             self._restore(latest)
+            self._trim_history()
             log(f"resumed from {latest} at step {self.step}")
         elif init_from is not None:
             self._init_weights(Path(init_from))
@@ -230,6 +232,7 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         if self.rank != 0:
             return None
+        self._trim_history()
         path = self.out_dir / f"step-{self.step:08d}.pt"
         atomic_save(self.state_dict(), path)
         old = sorted(self.out_dir.glob(CHECKPOINT_GLOB), key=lambda p: int(p.stem.split("-")[1]))
@@ -238,6 +241,13 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_checkpoint(self.step, path)
         return path
+
+    def _trim_history(self) -> None:
+        """Drop history lines past the current step (left by a run that stopped after its last checkpoint)."""
+        path = self.out_dir / "history.jsonl"
+        if path.exists():
+            lines = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= self.step]
+            path.write_text("".join(l + "\n" for l in lines))
 
     # ---- one step --------------------------------------------------------------------------------------------
     def _to_device(self, batch: dict) -> dict:
@@ -356,6 +366,9 @@ class Trainer:
         for batch in loader:
             losses = self.train_step(batch)
             result.history.append({"step": self.step, **losses})
+            if self.rank == 0:
+                with (self.out_dir / "history.jsonl").open("a") as fh:
+                    fh.write(json.dumps({"step": self.step, **losses}) + "\n")
             if self.writer is not None:
                 for k, v in losses.items():
                     self.writer.add_scalar(f"train/{k}", v, self.step)

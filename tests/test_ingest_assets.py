@@ -33,7 +33,7 @@ def test_clean_audio_one_partition_leaves_others_untouched(workspace, instance, 
     _add(workspace, instance, "bob", clip(voices_dir, "speaker-b", 3))
     raw_before = {p: p.read_bytes() for p in workspace.raw_dir.rglob("*") if p.is_file()}
 
-    steps = build(workspace, singers=["alice"], instance=instance, log=lambda _: None)
+    steps = build(workspace, assets=["clean_audio"], singers=["alice"], instance=instance, log=lambda _: None)
     assert [(s.singer, s.assets) for s in steps] == [("alice", ["clean_audio"])]
 
     part = workspace.partition_dir("clean_audio", "alice")
@@ -68,7 +68,7 @@ def test_clean_audio_one_partition_leaves_others_untouched(workspace, instance, 
     assert meta["hours"].value == pytest.approx(manifest["duration_s"].sum() / 3600, abs=1e-4)
 
     # A second build only does bob; alice is fresh.
-    steps = build(workspace, instance=instance, log=lambda _: None)
+    steps = build(workspace, assets=["clean_audio"], instance=instance, log=lambda _: None)
     assert [s.singer for s in steps] == ["bob"]
     assert len(_materializations(instance, "alice")) == 1
 
@@ -77,14 +77,14 @@ def test_changed_recordings_make_only_that_singer_stale(workspace, instance, voi
     a = clip(voices_dir, "speaker-a", 3)
     _add(workspace, instance, "alice", a[:2])
     _add(workspace, instance, "bob", clip(voices_dir, "speaker-b", 2))
-    build(workspace, instance=instance, log=lambda _: None)
+    build(workspace, assets=["clean_audio"], instance=instance, log=lambda _: None)
     defs = build_definitions(workspace)
     assert set(partition_statuses(defs, instance, ["clean_audio"], ["alice", "bob"]).values()) == {"fresh"}
 
     _add(workspace, instance, "alice", [a[2]], append=True)
     statuses = partition_statuses(defs, instance, ["clean_audio"], ["alice", "bob"])
     assert statuses == {("clean_audio", "alice"): "stale", ("clean_audio", "bob"): "fresh"}
-    steps = build(workspace, instance=instance, log=lambda _: None)
+    steps = build(workspace, assets=["clean_audio"], instance=instance, log=lambda _: None)
     assert [s.singer for s in steps] == ["alice"]
     assert len(_materializations(instance, "bob")) == 1
 
@@ -113,7 +113,7 @@ def test_bad_files_are_skipped_reported_and_checked(workspace, instance, voices_
         "fake.mp3": lambda p: p.write_text("not really an mp3"),
         "blip.wav": lambda p: write(p, tone(0.4, 32000), 32000),
     })
-    build(workspace, singers=["dave"], instance=instance, log=lambda _: None)
+    build(workspace, assets=["clean_audio"], singers=["dave"], instance=instance, log=lambda _: None)
     manifest = pd.read_parquet(workspace.partition_dir("clean_audio", "dave") / "manifest.parquet")
     assert set(manifest["source_file"]) == {good[0].name, "stereo48k.wav"}
 
@@ -134,13 +134,13 @@ def test_bad_files_are_skipped_reported_and_checked(workspace, instance, voices_
 
 def test_singer_with_nothing_usable_fails_cleanly(workspace, instance, voices_dir):
     _add(workspace, instance, "alice", clip(voices_dir, "speaker-a", 2))
-    build(workspace, instance=instance, log=lambda _: None)
+    build(workspace, assets=["clean_audio"], instance=instance, log=lambda _: None)
     _dvc_add_folder(workspace, instance, "mute", {
         "a.wav": lambda p: write(p, np.zeros(64000, np.float32), 32000),
         "b.flac": lambda p: p.write_bytes(b"fLaC garbage"),
     })
     with pytest.raises(BuildError) as info:
-        build(workspace, singers=["mute"], instance=instance, log=lambda _: None)
+        build(workspace, assets=["clean_audio"], singers=["mute"], instance=instance, log=lambda _: None)
     message = str(info.value)
     assert "no usable audio for singer 'mute'" in message
     assert "a.wav: silent" in message and "b.flac: cannot decode" in message

@@ -1,6 +1,7 @@
 """Speaker embedding: resemblyzer's 256-d d-vector (its real weights ship in the package), unit norm."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -19,7 +20,9 @@ class ResemblyzerSpeaker(FeatureExtractor):
 
     def __init__(self, batch_partials: int = 64, **kwargs):
         super().__init__(**kwargs)
-        import resemblyzer
+        with warnings.catch_warnings():  # webrtcvad imports the deprecated pkg_resources
+            warnings.simplefilter("ignore", UserWarning)
+            import resemblyzer
 
         weights = Path(resemblyzer.__file__).parent / "pretrained.pt"
         if not weights.is_file():

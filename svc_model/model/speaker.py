@@ -2,6 +2,8 @@
 torch mel front end that matches its own (16 kHz, 25 ms windows, 10 ms hop, 40 mel bands, power)."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -10,7 +12,9 @@ class SpeakerEmbedder(nn.Module):
     def __init__(self, sample_rate: int = 32000):
         super().__init__()
         import librosa
-        from resemblyzer import VoiceEncoder
+        with warnings.catch_warnings():  # webrtcvad imports the deprecated pkg_resources
+            warnings.simplefilter("ignore", UserWarning)
+            from resemblyzer import VoiceEncoder
 
         self.sample_rate = sample_rate
         encoder = VoiceEncoder(device="cpu", verbose=False)
