@@ -117,3 +117,28 @@ def build(
     if failures:
         raise BuildError("build failed for " + "\n".join(failures))
     return steps
+
+
+def materialize_training(ws: Workspace, *, steps: int | None = None, fine_tune: bool = False, device: str = "auto",
+                         instance: dg.DagsterInstance | None = None, extra_assets: Iterable[str] = ()) -> dict:
+    """Run the training assets (training_set, svc_checkpoint, and ``extra_assets``) in one in-process run.
+
+    Returns ``{asset: metadata}`` of what materialized; raises :class:`BuildError` with the reason on failure.
+    """
+    from orchestration.definitions import ASSET_CHECKS, ASSETS, build_definitions
+
+    instance = instance or open_instance(ws)
+    sync_singers(ws, instance)
+    defs = build_definitions(ws)
+    selection = ["training_set", "svc_checkpoint", *extra_assets]
+    run_config = {"ops": {"svc_checkpoint": {"config": {"steps": steps, "fine_tune": fine_tune, "device": device}}},
+                  "loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    result = dg.materialize([*ASSETS, *ASSET_CHECKS], selection=[dg.AssetKey(a) for a in selection],
+                            instance=instance, resources=defs.resources, run_config=run_config,
+                            tags={"svc/launched_by": "svc train"}, raise_on_error=False)
+    if not result.success:
+        raise BuildError(f"training run {result.run_id[:8]} failed: {_failure_reason(result)}")
+    return {
+        event.asset_key.to_user_string(): {k: v.value for k, v in event.materialization.metadata.items()}
+        for event in result.get_asset_materialization_events()
+    } | {"run_id": result.run_id}

@@ -9,12 +9,13 @@ import dagster as dg
 
 from assets.features import frames_aligned, pitch, ppg, speaker_embedding, vec
 from assets.ingest import clean_audio, raw_recordings
-from orchestration.jobs import build_singer_job
+from assets.training import svc_checkpoint, training_set
+from orchestration.jobs import build_singer_job, train_job
 from orchestration.resources import FeatureExtractorsResource, WorkspaceResource
 from orchestration.sensors import singer_sensor
 from orchestration.workspace import Workspace
 
-ASSETS = [raw_recordings, clean_audio, pitch, ppg, vec, speaker_embedding]
+ASSETS = [raw_recordings, clean_audio, pitch, ppg, vec, speaker_embedding, training_set, svc_checkpoint]
 ASSET_CHECKS = [frames_aligned]
 
 # Eager conditions only act while this sensor runs (under `dagster dev` or the daemon).
@@ -32,7 +33,7 @@ def build_definitions(workspace: Workspace | None = None) -> dg.Definitions:
         assets=ASSETS,
         asset_checks=ASSET_CHECKS,
         sensors=[singer_sensor, automation_sensor],
-        jobs=[build_singer_job],
+        jobs=[build_singer_job, train_job],
         resources={
             "workspace": WorkspaceResource(root=str(ws.root)),
             "extractors": FeatureExtractorsResource(root=str(ws.root)),

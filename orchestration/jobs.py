@@ -12,3 +12,11 @@ build_singer_job = dg.define_asset_job(
     partitions_def=singers_partitions,
     description="Build every per-singer asset for one singer partition.",
 )
+
+# Training runs in one process: one MLflow run, one writer to the SQLite store, no parallel GPU steps.
+train_job = dg.define_asset_job(
+    "train",
+    selection=dg.AssetSelection.assets("training_set", "svc_checkpoint"),
+    executor_def=dg.in_process_executor,
+    description="Rebuild the training set, train (or fine-tune from production) and register a model version.",
+)

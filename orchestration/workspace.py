@@ -198,28 +198,22 @@ class Workspace:
         return str(md5)
 
     # ---- atomic partitions -----------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def write_partition(self, asset: str, singer: str) -> Iterator[Path]:
-        """Yield an empty temp folder; on success it replaces ``data/derived/<asset>/<singer>`` in one rename.
+    def asset_dir(self, asset: str) -> Path:
+        """Folder of an asset that is not partitioned by singer (``training_set``, ``evaluation_report``)."""
+        return self.derived_dir / asset
 
-        On any exception the temp folder is removed and the previous partition (if any) is untouched.
-        """
-        final = self.partition_dir(asset, singer)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".tmp-{singer}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            yield tmp
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        old = None
-        if final.exists():
-            old = final.parent / f".old-{singer}-{uuid.uuid4().hex[:8]}"
-            final.rename(old)
-        tmp.rename(final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    def write_partition(self, asset: str, singer: str):
+        """Atomically replace ``data/derived/<asset>/<singer>`` (see :func:`atomic_dir`)."""
+        return atomic_dir(self.partition_dir(asset, singer))
+
+    def write_asset(self, asset: str):
+        """Atomically replace ``data/derived/<asset>`` (see :func:`atomic_dir`)."""
+        return atomic_dir(self.asset_dir(asset))
+
+    def resolve(self, path: str | Path) -> Path:
+        """A workspace-relative path (as stored in manifests) made absolute."""
+        p = Path(path)
+        return p if p.is_absolute() else self.root / p
 
     def remove_partition(self, asset: str, singer: str) -> bool:
         path = self.partition_dir(asset, singer)
@@ -250,6 +244,29 @@ class Workspace:
         dagster_yaml = self.dagster_home / "dagster.yaml"
         if not dagster_yaml.exists():
             dagster_yaml.write_text(DAGSTER_YAML)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield an empty temp folder beside ``final``; on success it replaces ``final`` in one rename.
+
+    On any exception the temp folder is removed and the previous ``final`` (if any) is untouched.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def init_workspace(root: str | Path, config: str = "tiny") -> Workspace:
