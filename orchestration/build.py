@@ -121,7 +121,7 @@ def build(
 
 def materialize_training(ws: Workspace, *, steps: int | None = None, fine_tune: bool = False, device: str = "auto",
                          instance: dg.DagsterInstance | None = None, extra_assets: Iterable[str] = ()) -> dict:
-    """Run the training assets (training_set, svc_checkpoint, and ``extra_assets``) in one in-process run.
+    """Run training_set, svc_checkpoint, evaluation_report (and ``extra_assets``) in one in-process run.
 
     Returns ``{asset: metadata}`` of what materialized; raises :class:`BuildError` with the reason on failure.
     """
@@ -130,7 +130,7 @@ def materialize_training(ws: Workspace, *, steps: int | None = None, fine_tune: 
     instance = instance or open_instance(ws)
     sync_singers(ws, instance)
     defs = build_definitions(ws)
-    selection = ["training_set", "svc_checkpoint", *extra_assets]
+    selection = ["training_set", "svc_checkpoint", "evaluation_report", *extra_assets]
     run_config = {"ops": {"svc_checkpoint": {"config": {"steps": steps, "fine_tune": fine_tune, "device": device}}},
                   "loggers": {"console": {"config": {"log_level": "INFO"}}}}
     result = dg.materialize([*ASSETS, *ASSET_CHECKS], selection=[dg.AssetKey(a) for a in selection],

@@ -140,21 +140,103 @@ def status(ws: Workspace) -> None:
 
 @main.command()
 @click.option("--steps", type=int, default=None, help="Steps to train (default: the config's train.steps).")
-@click.option("--name", default="default", show_default=True, help="Run folder under runs/; an existing one resumes.")
-@click.option("--fine-tune-from", "init_from", type=click.Path(dir_okay=False), default=None,
-              help="Start from this checkpoint's weights (the cheap way to add a singer).")
-@click.option("--fresh", is_flag=True, help="Ignore checkpoints already in the run folder.")
+@click.option("--fine-tune", is_flag=True, help="Start from the production model's weights (cheap after adding a singer).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--singer", "singers", multiple=True, help="Train on these singers only (default: all).")
+@click.option("--local", "local_name", default=None, metavar="NAME",
+              help="Untracked run in runs/NAME (no Dagster, MLflow or registry; resumes if it exists).")
+@click.option("--fine-tune-from", "init_from", type=click.Path(dir_okay=False), default=None,
+              help="With --local: start from this checkpoint file.")
+@click.option("--fresh", is_flag=True, help="With --local: ignore checkpoints already in runs/NAME.")
 @with_workspace
-def train(ws: Workspace, steps, name, init_from, fresh, device, singers) -> None:
-    """Train the model on the workspace's features (runs/NAME: checkpoints, TensorBoard logs)."""
-    from orchestration.training import train_workspace
+def train(ws: Workspace, steps, fine_tune, device, local_name, init_from, fresh) -> None:
+    """Train: training_set -> svc_checkpoint (one MLflow run, a new registered version) -> evaluation_report,
+    as one Dagster run on the workspace's instance. With --local, a plain run in runs/NAME."""
+    if local_name:
+        from orchestration.training import train_workspace
 
-    result, run_dir = train_workspace(ws, name=name, steps=steps, init_from=init_from, fresh=fresh, device=device,
-                                      singers=list(singers) or None, log=click.echo)
-    click.echo(f"checkpoint: {result.checkpoint}")
-    click.echo(f"TensorBoard: {Path(sys.executable).parent / 'tensorboard'} --logdir {run_dir / 'tensorboard'}")
+        result, run_dir = train_workspace(ws, name=local_name, steps=steps, init_from=init_from, fresh=fresh,
+                                          device=device, log=click.echo)
+        click.echo(f"checkpoint: {result.checkpoint}")
+        click.echo(f"TensorBoard: {Path(sys.executable).parent / 'tensorboard'} --logdir {run_dir / 'tensorboard'}")
+        return
+    from orchestration.build import materialize_training
+
+    out = materialize_training(ws, steps=steps, fine_tune=fine_tune, device=device)
+    ckpt, report = out["svc_checkpoint"], out["evaluation_report"]
+    click.echo(f"registered {ckpt['registered_model']} version {ckpt['model_version']} "
+               f"(steps {ckpt['steps']}, final mel {ckpt['final_mel_loss']}); MLflow run {ckpt['mlflow_run_url']}")
+    verdict = "passed" if report["passed"] else "FAILED (promote needs --force --reason)"
+    click.echo(f"evaluation {verdict}: f0 corr {report['f0_corr']:.3f}, f0 RMSE {report['f0_rmse_cents']:.0f} cents, "
+               f"V/UV error {report['vuv_error']:.3f}, similarity target {report['target_similarity']:.3f} vs "
+               f"source {report['source_similarity']:.3f}, reconstruction mel {report['reconstruction_mel']:.3f}")
+    click.echo(f"version {ckpt['model_version']} is now 'candidate'; promote it with `svc -C {ws.root} promote`")
+
+
+@main.command()
+@with_workspace
+def models(ws: Workspace) -> None:
+    """List registered model versions with their key metrics and aliases."""
+    from orchestration import tracking
+
+    versions = tracking.model_versions(ws)
+    if not versions:
+        click.echo(f"no registered versions of {ws.settings.registered_model_name!r} yet; run `svc train`")
+        return
+    metric = ws.config().evaluation.primary_metric
+    click.echo(f"{'version':>7}  {'aliases':<22} {'eval':<7} {metric:>18} {'f0_corr':>8} {'sim_gap':>8}  run")
+    for v in versions:
+        tags = v.tags or {}
+        aliases = ",".join(getattr(v, "aliases", []) or []) or "-"
+        click.echo(f"{v.version:>7}  {aliases:<22} {tags.get('eval.passed', 'none'):<7} "
+                   f"{tags.get('eval.' + metric, '-')[:10]:>18} {tags.get('eval.f0_corr', '-')[:8]:>8} "
+                   f"{tags.get('eval.similarity_gap', '-')[:8]:>8}  {v.run_id}")
+
+
+@main.command()
+@click.argument("version", required=False)
+@click.option("--force", is_flag=True, help="Promote despite a missing or failing evaluation, or a worse metric.")
+@click.option("--reason", default=None, help="Why (required with --force; recorded on the version).")
+@click.option("--rollback", is_flag=True, help="Move production back to the version it replaced.")
+@with_workspace
+def promote(ws: Workspace, version, force, reason, rollback) -> None:
+    """Point the registry alias 'production' at VERSION (default: the 'candidate')."""
+    from orchestration.promotion import PromotionError
+    from orchestration.promotion import promote as do_promote
+    from orchestration.promotion import rollback as do_rollback
+
+    try:
+        done = do_rollback(ws) if rollback else do_promote(ws, version, force=force, reason=reason)
+    except PromotionError as exc:
+        _fail(str(exc))
+    click.echo(done.message)
+
+
+def _registry_checkpoint(ws: Workspace, model_uri: str | None) -> tuple[Path, str]:
+    """The checkpoint behind ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` (default: production)."""
+    from orchestration import tracking
+
+    name = ws.settings.registered_model_name
+    uri = model_uri or f"models:/{name}@{tracking.PRODUCTION}"
+    body = uri.removeprefix("models:/")
+    model, alias, version = body, None, None
+    if "@" in body:
+        model, alias = body.split("@", 1)
+    elif "/" in body:
+        model, version = body.split("/", 1)
+    if model != name or not (alias or version):
+        _fail(f"{uri}: expected models:/{name}@ALIAS or models:/{name}/VERSION")
+    if alias:
+        mv = tracking.alias_version(ws, alias)
+        if mv is None:
+            hint = ("nothing has been promoted yet: train (`svc train`), then `svc promote`; or pass --model "
+                    "models:/%s/VERSION or --checkpoint FILE" % name) if alias == tracking.PRODUCTION else ""
+            _fail(f"no version of {name!r} has the alias {alias!r}. {hint}".strip())
+    else:
+        try:
+            mv = tracking.client(ws).get_model_version(name, version)
+        except Exception:
+            _fail(f"{uri}: no such model version")
+    return tracking.download_checkpoint(ws, mv), f"{uri} (version {mv.version})"
 
 
 def _parse_blend(text: str) -> dict[str, float]:
@@ -177,13 +259,13 @@ def _parse_blend(text: str) -> dict[str, float]:
 @click.option("--reference", type=click.Path(dir_okay=False), default=None, help="Target: a reference recording.")
 @click.option("--blend", default=None, help="Target: a weighted blend, e.g. alice=0.7,bob=0.3.")
 @click.option("--pitch-shift", default="0", show_default=True, help="Semitones, or 'auto'.")
-@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
-              help="Model checkpoint (default: the newest under runs/).")
+@click.option("--model", "model_uri", default=None,
+              help="Registry model URI, e.g. models:/svc/3 or models:/svc@candidate (default: models:/svc@production).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="A local checkpoint file instead.")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @with_workspace
-def convert(ws: Workspace, source, output, singer, reference, blend, pitch_shift, checkpoint, device) -> None:
-    """Re-sing SOURCE with a target timbre; writes 32 kHz audio to OUTPUT."""
-    from orchestration.training import latest_run_checkpoint
+def convert(ws: Workspace, source, output, singer, reference, blend, pitch_shift, model_uri, checkpoint, device) -> None:
+    """Re-sing SOURCE with a target timbre using the production model; writes 32 kHz audio to OUTPUT."""
     from svc_model.audio import AudioError
     from svc_model.infer import Converter
 
@@ -191,10 +273,8 @@ def convert(ws: Workspace, source, output, singer, reference, blend, pitch_shift
     if len(chosen) != 1:
         _fail("give exactly one target: --singer NAME, --reference FILE or --blend a=0.7,b=0.3")
     target = _parse_blend(blend) if blend else (reference or singer)
-    shift = pitch_shift if pitch_shift == "auto" else pitch_shift
-    ckpt = Path(checkpoint) if checkpoint else latest_run_checkpoint(ws)
-    if ckpt is None:
-        _fail(f"no model checkpoint in {ws.runs_dir}; train one with `svc train` or pass --checkpoint")
+    shift = pitch_shift
+    ckpt, label = (Path(checkpoint), checkpoint) if checkpoint else _registry_checkpoint(ws, model_uri)
     out = Path(output)
     if out.suffix.lower() not in (".wav", ".flac", ".ogg"):
         _fail(f"{out}: output must end in .wav, .flac or .ogg")
@@ -215,7 +295,7 @@ def convert(ws: Workspace, source, output, singer, reference, blend, pitch_shift
     write_audio(out, result.audio, result.sample_rate)
     click.echo(f"wrote {out}: {len(result.audio) / result.sample_rate:.2f} s at {result.sample_rate} Hz; target "
                f"{result.target}, pitch shift {result.pitch_shift:+.0f} semitones, {result.chunks} piece(s), "
-               f"{result.seconds:.1f} s (checkpoint {ckpt})")
+               f"{result.seconds:.1f} s (model {label})")
 
 
 @main.command()

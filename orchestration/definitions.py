@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import dagster as dg
 
+from assets.evaluation import evaluation_report, production_model
 from assets.features import frames_aligned, pitch, ppg, speaker_embedding, vec
 from assets.ingest import clean_audio, raw_recordings
 from assets.training import svc_checkpoint, training_set
-from orchestration.jobs import build_singer_job, train_job
+from orchestration.jobs import build_singer_job, promote_job, train_job
 from orchestration.resources import FeatureExtractorsResource, WorkspaceResource
 from orchestration.sensors import singer_sensor
 from orchestration.workspace import Workspace
 
-ASSETS = [raw_recordings, clean_audio, pitch, ppg, vec, speaker_embedding, training_set, svc_checkpoint]
+ASSETS = [raw_recordings, clean_audio, pitch, ppg, vec, speaker_embedding, training_set, svc_checkpoint,
+          evaluation_report, production_model]
 ASSET_CHECKS = [frames_aligned]
 
 # Eager conditions only act while this sensor runs (under `dagster dev` or the daemon).
@@ -33,7 +35,7 @@ def build_definitions(workspace: Workspace | None = None) -> dg.Definitions:
         assets=ASSETS,
         asset_checks=ASSET_CHECKS,
         sensors=[singer_sensor, automation_sensor],
-        jobs=[build_singer_job, train_job],
+        jobs=[build_singer_job, train_job, promote_job],
         resources={
             "workspace": WorkspaceResource(root=str(ws.root)),
             "extractors": FeatureExtractorsResource(root=str(ws.root)),

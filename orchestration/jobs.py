@@ -16,7 +16,13 @@ build_singer_job = dg.define_asset_job(
 # Training runs in one process: one MLflow run, one writer to the SQLite store, no parallel GPU steps.
 train_job = dg.define_asset_job(
     "train",
-    selection=dg.AssetSelection.assets("training_set", "svc_checkpoint"),
+    selection=dg.AssetSelection.assets("training_set", "svc_checkpoint", "evaluation_report"),
     executor_def=dg.in_process_executor,
-    description="Rebuild the training set, train (or fine-tune from production) and register a model version.",
+    description="Rebuild the training set, train (or fine-tune from production), register and evaluate a version.",
+)
+
+promote_job = dg.define_asset_job(
+    "promote",
+    selection=dg.AssetSelection.assets("production_model"),
+    description="Point 'production' at the candidate (or a chosen version) if its evaluation allows it.",
 )

@@ -135,11 +135,13 @@ def PYFUNC_SIGNATURE():
 
 def model_versions(ws: Workspace) -> list:
     name = ws.settings.registered_model_name
+    c = client(ws)
     try:
-        versions = client(ws).search_model_versions(f"name='{name}'")
+        found = c.search_model_versions(f"name='{name}'")
     except Exception:
         return []
-    return sorted(versions, key=lambda v: int(v.version))
+    # search results carry no aliases; a get per version does
+    return sorted((c.get_model_version(name, v.version) for v in found), key=lambda v: int(v.version))
 
 
 def alias_version(ws: Workspace, alias: str):
@@ -157,7 +159,9 @@ def download_checkpoint(ws: Workspace, version) -> Path:
     import mlflow
 
     mlflow.set_tracking_uri(ws.tracking_uri)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=f"{version.source}/artifacts", tracking_uri=ws.tracking_uri)
+    mlflow.set_registry_uri(ws.tracking_uri)
+    uri = f"models:/{ws.settings.registered_model_name}/{version.version}"
+    local = mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=ws.tracking_uri)
     found = sorted(Path(local).rglob("*.pt"))
     if not found:
         raise FileNotFoundError(f"model version {version.version}: no checkpoint among its artifacts ({local})")

@@ -29,12 +29,6 @@ def training_manifest(ws: Workspace, singers: list[str] | None = None) -> pd.Dat
     return pd.concat(frames, ignore_index=True)
 
 
-def latest_run_checkpoint(ws: Workspace) -> Path | None:
-    """The newest checkpoint of any run under ``runs/`` (by modification time)."""
-    found = sorted(ws.runs_dir.glob("*/step-*.pt"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
-
-
 def train_workspace(ws: Workspace, *, name: str = "default", steps: int | None = None,
                     init_from: str | Path | None = None, fresh: bool = False, device: str = "auto",
                     singers: list[str] | None = None, log=print):

@@ -198,6 +198,18 @@ class TrainConfig(_Strict):
     loss_weights: LossWeights = LossWeights()
 
 
+class EvaluationConfig(_Strict):
+    """What ``evaluation_report`` measures and the thresholds its checks (and promotion) apply."""
+
+    max_segments_per_singer: int = Field(2, gt=0, description="held-out segments per singer, each into every singer")
+    primary_metric: Literal["f0_corr", "f0_rmse_cents", "vuv_error", "target_similarity", "similarity_gap",
+                            "reconstruction_mel"] = "reconstruction_mel"
+    min_f0_corr: float = Field(0.5, ge=-1, le=1)
+    max_f0_rmse_cents: float = Field(300.0, gt=0)
+    max_vuv_error: float = Field(0.35, ge=0, le=1)
+    require_timbre_transfer: bool = Field(True, description="target similarity must exceed source similarity")
+
+
 class SVCConfig(_Strict):
     """The whole configuration of one profile."""
 
@@ -207,6 +219,7 @@ class SVCConfig(_Strict):
     spectrogram: SpectrogramConfig = SpectrogramConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> "SVCConfig":
@@ -236,6 +249,13 @@ class SVCConfig(_Strict):
         return flat
 
 
+def _deep_merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
 def resolve_config_path(name_or_path: str | Path, base_dir: Path | None = None) -> Path:
     """A profile name (``tiny``) maps to ``configs/tiny.yaml``; anything else is a path."""
     text = str(name_or_path)
@@ -259,6 +279,14 @@ def load_config(name_or_path: str | Path = "tiny", base_dir: Path | None = None)
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    parent = raw.pop("extends", None)
+    if parent is not None:  # a profile (or file) to start from; this file's keys override it
+        base_path = resolve_config_path(parent, path.parent)
+        if base_path.resolve() == path.resolve():
+            raise ConfigError(f"{path}: extends itself")
+        base = load_config(base_path).model_dump(mode="json")
+        base.pop("name", None)
+        raw = _deep_merge(base, raw)
     raw.setdefault("name", path.stem)
     try:
         return SVCConfig.model_validate(raw)

@@ -385,6 +385,10 @@ class Trainer:
                 self._log_validation(metrics, samples)
             if self.step % t.checkpoint_every == 0:
                 last = self.save_checkpoint()
+        if result.history and self.step % t.validate_every != 0:  # always end with a validation
+            metrics, samples = self.validate()
+            result.validation = metrics
+            self._log_validation(metrics, samples)
         if last is None or int(last.stem.split("-")[1]) != self.step:
             last = self.save_checkpoint()
         result.step, result.checkpoint = self.step, last

@@ -1,0 +1,157 @@
+"""Training, evaluation, registry and promotion through Dagster with a real MLflow SQLite store."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import soundfile as sf
+from click.testing import CliRunner
+
+from orchestration import tracking
+from orchestration.build import build, materialize_training, open_instance
+from orchestration.cli import main
+from orchestration.promotion import PromotionError, promote, rollback
+from orchestration.singers import add_singer
+from orchestration.workspace import init_workspace
+from svc_model.data import split_for
+from tests.conftest import clip
+
+pytestmark = pytest.mark.slow
+
+# Real thresholds would fail a 3-step model; this workspace loosens them so the "passing" path is exercised.
+LENIENT = """extends: tiny
+evaluation:
+  max_segments_per_singer: 1
+  min_f0_corr: -1.0
+  max_f0_rmse_cents: 100000
+  max_vuv_error: 1.0
+  require_timbre_transfer: false
+"""
+
+
+@pytest.fixture(scope="module")
+def trained_ws(tmp_path_factory, voices_dir):
+    root = tmp_path_factory.mktemp("tracked") / "ws"
+    ws = init_workspace(root)
+    (root / "lenient.yaml").write_text(LENIENT)
+    (root / "svc.yaml").write_text((root / "svc.yaml").read_text().replace("config: tiny", "config: lenient.yaml"))
+    instance = open_instance(ws)
+    quiet = lambda _: None  # noqa: E731
+    add_singer(ws, "alto", clip(voices_dir, "speaker-a", 3), instance=instance, push=False, log=quiet)
+    add_singer(ws, "bass", clip(voices_dir, "speaker-d", 3), instance=instance, push=False, log=quiet)
+    build(ws, instance=instance, log=quiet)
+    out = materialize_training(ws, steps=3, device="cpu", instance=instance)
+    yield ws, out
+    instance.dispose()
+
+
+def test_training_run_is_tracked_in_mlflow(trained_ws):
+    ws, out = trained_ws
+    meta = out["svc_checkpoint"]
+    client = tracking.client(ws)
+    run = client.get_run(meta["mlflow_run_id"])
+    assert run.data.params["model.hidden_channels"] == "64" and run.data.params["train.batch_size"] == "4"
+    assert run.data.tags["dagster_run_id"] == out["run_id"]
+    assert run.data.tags["git_commit"] and run.data.tags["dvc_md5.alto"] == ws.singer_data_version("alto")
+    history = client.get_metric_history(run.info.run_id, "train/mel")
+    assert [m.step for m in history] == [1, 2, 3]
+    for term in ("stft", "kl_forward", "kl_reverse", "adversarial", "feature_matching", "speaker"):
+        assert len(client.get_metric_history(run.info.run_id, f"train/{term}")) == 3
+    assert any(k.startswith("system/") for k in run.data.metrics), "system metrics are logged"
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "validation/step-00000003")]
+    assert any(a.endswith("-generated.wav") for a in artifacts) and any(a.endswith("-mel.png") for a in artifacts)
+    assert meta["mlflow_run_url"].endswith(run.info.run_id)
+    # The artifact root is absolute, under the workspace.
+    assert run.info.artifact_uri.startswith((ws.root / "mlflow" / "artifacts").as_uri())
+
+
+def test_registered_version_loads_as_pyfunc_and_converts(trained_ws, voices_dir, tmp_path):
+    ws, out = trained_ws
+    mlflow.set_tracking_uri(ws.tracking_uri)
+    mlflow.set_registry_uri(ws.tracking_uri)
+    version = out["svc_checkpoint"]["model_version"]
+    model = mlflow.pyfunc.load_model(f"models:/svc/{version}")
+    source = clip(voices_dir, "speaker-c", 1)[0]
+    result = model.predict(pd.DataFrame([
+        {"source": str(source), "target": "alto", "output": str(tmp_path / "a.wav"), "pitch_shift": "auto"},
+        {"source": str(source), "target": json.dumps({"alto": 0.5, "bass": 0.5}), "output": str(tmp_path / "b.wav"),
+         "pitch_shift": "0"},
+    ]))
+    assert list(result["target"]) == ["alto", "alto:0.50+bass:0.50"]
+    for path in result["output"]:
+        info = sf.info(path)
+        assert info.samplerate == 32000 and abs(info.duration - sf.info(str(source)).duration) < 0.01
+    # Models from code: no pickled Python object is stored with the model.
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/svc/{version}"))
+    assert not list(local.rglob("*.pkl")) and (local / "MLmodel").is_file()
+
+
+def test_evaluation_is_reported_logged_and_tagged(trained_ws):
+    ws, out = trained_ws
+    report = out["evaluation_report"]
+    assert -1 <= report["f0_corr"] <= 1 and 0 <= report["vuv_error"] <= 1
+    assert -1 <= report["target_similarity"] <= 1 and -1 <= report["source_similarity"] <= 1
+    assert report["reconstruction_mel"] > 0 and report["rtf"] > 0 and report["pairs"] == 4  # 2 singers x 2 targets
+    folder = ws.asset_dir("evaluation_report")
+    for name in ("report.md", "report.html", "f0_overlays.png", "similarity.png", "pairs.csv", "metrics.json"):
+        assert (folder / name).is_file(), name
+    dvc_metrics = json.loads((ws.root / "metrics" / "evaluation.json").read_text())
+    assert dvc_metrics["model_version"] == out["svc_checkpoint"]["model_version"] and dvc_metrics["passed"] is True
+    client = tracking.client(ws)
+    run_id = out["svc_checkpoint"]["mlflow_run_id"]
+    assert "eval/f0_corr" in client.get_run(run_id).data.metrics
+    assert any(a.path == "evaluation/report.md" for a in client.list_artifacts(run_id, "evaluation"))
+    version = client.get_model_version("svc", str(report["model_version"]))
+    assert version.tags["eval.passed"] == "true" and "eval.reconstruction_mel" in version.tags
+    assert str(tracking.alias_version(ws, tracking.CANDIDATE).version) == str(version.version)
+
+
+def test_promotion_rules_and_rollback(trained_ws):
+    ws, out = trained_ws
+    client = tracking.client(ws)
+    evaluated = str(out["svc_checkpoint"]["model_version"])
+    # A second version with no evaluation (registered straight from the same checkpoint).
+    ckpt = tracking.download_checkpoint(ws, client.get_model_version("svc", evaluated))
+    with mlflow.start_run(experiment_id=tracking.experiment_id(ws)) as run:
+        unevaluated = str(tracking.register_checkpoint(ws, run.info.run_id, ckpt).version)
+    with pytest.raises(PromotionError, match=f"version {unevaluated} has no evaluation"):
+        promote(ws, unevaluated)
+    first = promote(ws)  # the candidate, which passed
+    assert first.version == evaluated and first.previous is None
+    assert str(tracking.alias_version(ws, "production").version) == evaluated
+    # Worse than production on the primary metric: refused with both figures.
+    client.set_model_version_tag("svc", unevaluated, "eval.passed", "true")
+    worse = float(client.get_model_version("svc", evaluated).tags["eval.reconstruction_mel"]) + 1
+    client.set_model_version_tag("svc", unevaluated, "eval.reconstruction_mel", str(worse))
+    with pytest.raises(PromotionError, match=r"worse than production .* reconstruction_mel: .* vs .*lower is better"):
+        promote(ws, unevaluated)
+    with pytest.raises(PromotionError, match="--force needs --reason"):
+        promote(ws, unevaluated, force=True)
+    forced = promote(ws, unevaluated, force=True, reason="listening test preferred it")
+    tags = client.get_model_version("svc", unevaluated).tags
+    assert forced.forced and tags["promotion.forced"] == "true" and tags["promotion.reason"] == "listening test preferred it"
+    assert "worse than production" in tags["promotion.overridden"]
+    back = rollback(ws)
+    assert back.version == evaluated and str(tracking.alias_version(ws, "production").version) == evaluated
+
+
+def test_cli_convert_without_production_is_a_clear_error(tmp_path, voices_dir):
+    ws = init_workspace(tmp_path / "empty")
+    result = CliRunner().invoke(main, ["convert", "-C", str(ws.root), str(clip(voices_dir, "speaker-a", 1)[0]),
+                                       "-o", str(tmp_path / "o.wav"), "--singer", "alto"])
+    assert result.exit_code == 1
+    assert "no version of 'svc' has the alias 'production'" in result.output and "svc promote" in result.output
+
+
+def test_split_is_stable_when_singers_are_added():
+    ids = [f"alto/clip{i}_000" for i in range(200)]
+    before = {i: split_for(i, 0.1) for i in ids}
+    more = ids + [f"tenor/clip{i}_000" for i in range(200)]
+    after = {i: split_for(i, 0.1) for i in more}
+    assert all(after[i] == before[i] for i in ids)
+    share = sum(v == "valid" for v in after.values()) / len(after)
+    assert 0.05 < share < 0.15
