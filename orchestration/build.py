@@ -31,16 +31,23 @@ def partition_statuses(
     defs: dg.Definitions, instance: dg.DagsterInstance, assets: Iterable[str], singers: Iterable[str]
 ) -> dict[tuple[str, str], str]:
     """``{(asset, singer): "fresh" | "stale" | "missing"}`` as the Dagster UI computes it."""
+    status = _status_resolver(defs, instance)
+    return {(asset, singer): status(asset, singer) for asset in assets for singer in singers}
+
+
+def asset_status(defs: dg.Definitions, instance: dg.DagsterInstance, asset: str) -> str:
+    """"fresh" | "stale" | "missing" for an asset that is not partitioned (training_set, svc_checkpoint...)."""
+    return _status_resolver(defs, instance)(asset, None)
+
+
+def _status_resolver(defs: dg.Definitions, instance: dg.DagsterInstance):
+    # Dagster's own resolver, the one behind the UI's "unsynced" labels (an internal API, pinned by dagster<1.14).
     from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
     from dagster._core.loader import LoadingContextForTest
 
     resolver = CachingStaleStatusResolver(instance, defs.resolve_asset_graph(), LoadingContextForTest(instance))
     names = {StaleStatus.FRESH: "fresh", StaleStatus.STALE: "stale", StaleStatus.MISSING: "missing"}
-    return {
-        (asset, singer): names[resolver.get_status(dg.AssetKey(asset), singer)]
-        for asset in assets
-        for singer in singers
-    }
+    return lambda asset, partition: names[resolver.get_status(dg.AssetKey(asset), partition)]
 
 
 class BuildError(RuntimeError):

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -317,6 +315,30 @@ def ui(ws: Workspace, port: int, host: str) -> None:
 DEMO_SOURCE = DEMO_VOICES_DIR / "speaker-d" / "57.flac"  # the held-back voice, used as the song to convert
 
 
+DEMO_FORCE_REASON = ("offline CPU demo: the tiny profile trains for minutes on two cores with a random HuBERT and "
+                     "does not reach the evaluation thresholds; promoted so that conversion can be shown")
+
+
+def _demo_promote(ws: Workspace) -> str:
+    """Promote the candidate; where the rules refuse it, show why and force it with a recorded reason."""
+    from orchestration import tracking
+    from orchestration.promotion import PromotionError, promote
+
+    candidate = tracking.alias_version(ws, tracking.CANDIDATE)
+    production = tracking.alias_version(ws, tracking.PRODUCTION)
+    if production is not None and candidate is not None and str(production.version) == str(candidate.version):
+        click.echo(f"version {production.version} is already in production (reusing)")
+        return "already in production"
+    try:
+        done = promote(ws)
+    except PromotionError as exc:
+        click.secho(f"promotion refused: {exc}", fg="yellow")
+        click.echo(f"forcing it for the demo, with the reason recorded on the version: {DEMO_FORCE_REASON}")
+        done = promote(ws, force=True, reason=DEMO_FORCE_REASON)
+    click.echo(done.message)
+    return "forced, reason recorded" if done.forced else "passed its checks"
+
+
 def _demo_conversions(ws: Workspace, checkpoint: Path) -> list[str]:
     from svc_model.audio import write_audio
     from svc_model.infer import Converter
@@ -367,7 +389,8 @@ def print_next_steps(ws: Workspace) -> None:
     click.echo(f"  Dagster UI:  {venv_bin / 'svc'} -C {ws.root} ui        # then http://127.0.0.1:3000")
     click.echo(f"  MLflow UI:   {venv_bin / 'mlflow'} ui --backend-store-uri {ws.tracking_uri} "
                f"--default-artifact-root {ws.artifact_root} --port 5000")
-    click.echo(f"  Status:      {venv_bin / 'svc'} -C {ws.root} status")
+    click.echo(f"  TensorBoard: {venv_bin / 'tensorboard'} --logdir {ws.runs_dir}")
+    click.echo(f"  Status:      {venv_bin / 'svc'} -C {ws.root} status; {venv_bin / 'svc'} -C {ws.root} models")
 
 
 @main.command()
@@ -377,8 +400,10 @@ def print_next_steps(ws: Workspace) -> None:
 def demo(ctx: click.Context, workspace_dir: str | None) -> None:
     """Offline CPU demo: three bundled voices through Dagster (clean audio, features), a tiny model trained on the
     CPU, and a held-back voice converted into each singer."""
+    from orchestration import tracking
+    from orchestration.build import asset_status, open_instance
     from orchestration.build import build as run_build
-    from orchestration.build import open_instance
+    from orchestration.definitions import build_definitions
     from orchestration.singers import add_singer
 
     started = time.perf_counter()
@@ -397,37 +422,44 @@ def demo(ctx: click.Context, workspace_dir: str | None) -> None:
         click.secho("== building clean_audio and the features (only stale or missing partitions)", bold=True)
         steps = run_build(ws, instance=instance, log=click.echo)
         build_s = time.perf_counter() - t_build
-        click.secho(f"== training the {ws.settings.config} model on the CPU (runs/demo; a rerun resumes)", bold=True)
         t_train = time.perf_counter()
-        # A process of its own, as a Dagster run would be: the feature extractors' thread pools (CTranslate2
-        # brings its own OpenMP) would otherwise compete with training for the two cores.
-        code = subprocess.call([str(Path(sys.executable).parent / "svc"), "-C", str(ws.root), "train", "--name",
-                                "demo", "--device", "cpu"])
-        if code != 0:
-            _fail(f"training failed (exit {code})")
+        defs = build_definitions(ws)
+        if all(asset_status(defs, instance, a) == "fresh" for a in ("svc_checkpoint", "evaluation_report")):
+            click.echo("the model is already trained and evaluated on the current training set (reusing)")
+        else:
+            click.secho(f"== training the {ws.settings.config} model on the CPU through Dagster: training_set -> "
+                        "svc_checkpoint (MLflow run, registered version) -> evaluation_report", bold=True)
+            # A process of its own, as a Dagster run launched from the UI would be: the feature extractors' thread
+            # pools (CTranslate2 brings its own OpenMP) would otherwise compete with training for the cores.
+            code = subprocess.call([str(Path(sys.executable).parent / "svc"), "-C", str(ws.root), "train",
+                                    "--device", "cpu"])
+            if code != 0:
+                _fail(f"training failed (exit {code})")
         train_s = time.perf_counter() - t_train
-        run_dir = ws.runs_dir / "demo"
-        from svc_model.train import latest_checkpoint
-
-        checkpoint = latest_checkpoint(run_dir)
-        history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines() if line]
-        click.secho("== converting a held-back voice into each singer", bold=True)
-        conversions = _demo_conversions(ws, checkpoint)
+        click.secho("== promoting the candidate to production", bold=True)
+        promotion = _demo_promote(ws)
+        production = tracking.alias_version(ws, tracking.PRODUCTION)
+        click.secho("== converting a held-back voice into each singer with the production model", bold=True)
+        conversions = _demo_conversions(ws, tracking.download_checkpoint(ws, production))
     except (WorkspaceError, ValueError, FileNotFoundError, RuntimeError) as exc:
         _fail(str(exc))
     click.secho("\n== summary", bold=True)
     _print_singer_table(ws, DEMO_SINGERS)
-    if history:
-        first, last = history[0], history[-1]
-        early = sum(h["mel"] for h in history[:10]) / len(history[:10])
-        late = sum(h["mel"] for h in history[-10:]) / len(history[-10:])
-        click.echo(f"training: steps {first['step']}..{last['step']}, mel loss (mean of 10 steps) {early:.3f} -> "
-                   f"{late:.3f}; this invocation {train_s:.0f} s")
-    click.echo(f"checkpoint: {checkpoint}")
+    tags = production.tags or {}
+    client = tracking.client(ws)
+    mel = [m.value for m in sorted(client.get_metric_history(production.run_id, "train/mel"), key=lambda m: m.step)]
+    if mel:
+        click.echo(f"training: {len(mel)} steps, mel loss (mean of 10 steps) {sum(mel[:10]) / len(mel[:10]):.3f} -> "
+                   f"{sum(mel[-10:]) / len(mel[-10:]):.3f}; this invocation {train_s:.0f} s")
+    click.echo(f"model: {ws.settings.registered_model_name} version {production.version} in production "
+               f"({promotion}); MLflow run {tracking.run_url(ws, production.run_id)}")
+    click.echo("evaluation (held-out segments into every singer): " + ", ".join(
+        f"{k} {float(tags[f'eval.{k}']):.3f}" for k in ("f0_corr", "f0_rmse_cents", "vuv_error", "target_similarity",
+                                                       "source_similarity", "reconstruction_mel", "rtf")
+        if f"eval.{k}" in tags) + f"; checks {'passed' if tags.get('eval.passed') == 'true' else 'FAILED: ' + tags.get('eval.failed_checks', '?')}")
     for line in conversions:
         click.echo(f"  {line}")
     click.echo(f"materialized {len(steps)} partition run(s) in {build_s:.1f} s; demo total {time.perf_counter() - started:.1f} s")
-    click.echo(f"  TensorBoard: {Path(sys.executable).parent / 'tensorboard'} --logdir {run_dir / 'tensorboard'}")
     print_next_steps(ws)
 
 

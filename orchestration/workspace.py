@@ -34,6 +34,43 @@ run_queue:
   max_concurrent_runs: 2
 """
 
+DVC_YAML = """\
+# DVC's view of the pipeline. It does not re-implement anything: each stage calls the same Dagster
+# materializations through `svc` (put the project's .venv/bin on PATH). Dagster decides what is stale, so the
+# outputs persist between runs and `dvc repro` only does the work that changed.
+stages:
+  features:
+    cmd: svc build
+    deps:
+      - data/raw
+      - svc.yaml
+    outs:
+      - data/derived/clean_audio:
+          persist: true
+      - data/derived/pitch:
+          persist: true
+      - data/derived/ppg:
+          persist: true
+      - data/derived/vec:
+          persist: true
+      - data/derived/speaker_embedding:
+          persist: true
+  train:
+    cmd: svc train
+    deps:
+      - data/derived/pitch
+      - data/derived/ppg
+      - data/derived/vec
+      - data/derived/speaker_embedding
+      - svc.yaml
+    outs:
+      - data/derived/training_set:
+          persist: true
+    metrics:
+      - metrics/evaluation.json:
+          cache: false
+"""
+
 GITIGNORE = """\
 # Derived data and stores are rebuilt or shared through DVC/MLflow, not git.
 /data/derived/
@@ -288,6 +325,8 @@ def init_workspace(root: str | Path, config: str = "tiny") -> Workspace:
     ws.settings  # fail fast on a malformed svc.yaml
     ws.ensure_runtime_dirs()
     (root / "mlflow" / ".gitkeep").touch()
+    if not (root / "dvc.yaml").exists():
+        (root / "dvc.yaml").write_text(DVC_YAML)
     gitignore = root / ".gitignore"
     if not gitignore.exists():
         gitignore.write_text(GITIGNORE)
