@@ -1,4 +1,5 @@
 """Cross-singer assets: the training set, and the trained checkpoint (one MLflow run, one registered version)."""
+import os
 from typing import Optional
 
 import dagster as dg
@@ -82,6 +83,9 @@ def svc_checkpoint(context: dg.AssetExecutionContext, config: TrainingConfig,
             "fine_tuned_from_version": str(base_version or ""), "singers": ",".join(singers),
             **{f"dvc_md5.{s}": ws.singer_data_version(s) or "" for s in singers}}
     mlflow.set_tracking_uri(ws.tracking_uri)
+    # System metrics every 5 s, logged as they come (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides).
+    mlflow.set_system_metrics_sampling_interval(float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", 5)))
+    mlflow.set_system_metrics_samples_before_logging(1)
     run_dir = ws.runs_dir / f"dagster-{context.run_id[:8]}"
     with mlflow.start_run(experiment_id=tracking.experiment_id(ws), run_name=f"train-{context.run_id[:8]}",
                           tags=tags, log_system_metrics=True) as run:

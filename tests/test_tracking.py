@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import mlflow
@@ -34,6 +35,9 @@ evaluation:
 
 @pytest.fixture(scope="module")
 def trained_ws(tmp_path_factory, voices_dir):
+    # Sample system metrics every second, so even a 3-step run logs some.
+    previous = os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")
+    os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
     root = tmp_path_factory.mktemp("tracked") / "ws"
     ws = init_workspace(root)
     (root / "lenient.yaml").write_text(LENIENT)
@@ -46,6 +50,10 @@ def trained_ws(tmp_path_factory, voices_dir):
     out = materialize_training(ws, steps=3, device="cpu", instance=instance)
     yield ws, out
     instance.dispose()
+    if previous is None:
+        os.environ.pop("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", None)
+    else:
+        os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = previous
 
 
 def test_training_run_is_tracked_in_mlflow(trained_ws):
@@ -154,3 +162,48 @@ def test_split_is_stable_when_singers_are_added():
     assert all(after[i] == before[i] for i in ids)
     share = sum(v == "valid" for v in after.values()) / len(after)
     assert 0.05 < share < 0.15
+
+
+def test_production_model_asset_applies_the_same_rules(trained_ws):
+    import dagster as dg
+
+    from orchestration.definitions import ASSET_CHECKS, ASSETS, build_definitions
+
+    ws, out = trained_ws
+    defs = build_definitions(ws)
+    instance = open_instance(ws)
+    try:
+        evaluated = str(out["svc_checkpoint"]["model_version"])
+        current = tracking.alias_version(ws, "production")
+
+        def run(config):
+            return dg.materialize([*ASSETS, *ASSET_CHECKS], selection=[dg.AssetKey("production_model")],
+                                  instance=instance, resources=defs.resources, raise_on_error=False,
+                                  run_config={"ops": {"production_model": {"config": config}}})
+
+        if current is not None and str(current.version) == evaluated:
+            refused = run({})
+            assert not refused.success
+            failure = refused.get_step_failure_events()[0].step_failure_data.user_failure_data
+            assert f"version {evaluated} is already in production" in failure.description
+        versions = [str(v.version) for v in tracking.model_versions(ws)]
+        other = next(v for v in versions if v != evaluated)
+        done = run({"version": other, "force": True, "reason": "asset path"})
+        assert done.success and str(tracking.alias_version(ws, "production").version) == other
+        meta = done.get_asset_materialization_events()[0].materialization.metadata
+        assert meta["forced"].value is True and meta["version"].value == int(other)
+    finally:
+        instance.dispose()
+
+
+def test_fine_tuning_from_production_is_a_new_tracked_version(trained_ws):
+    ws, _ = trained_ws
+    production = tracking.alias_version(ws, "production")
+    assert production is not None
+    out = materialize_training(ws, steps=2, fine_tune=True, device="cpu")
+    meta = out["svc_checkpoint"]
+    assert meta["fine_tuned_from_version"] == str(production.version)
+    run = tracking.client(ws).get_run(meta["mlflow_run_id"])
+    assert run.data.tags["fine_tuned_from_version"] == str(production.version)
+    assert meta["model_version"] > int(production.version)
+    assert str(tracking.alias_version(ws, "candidate").version) == str(meta["model_version"])
