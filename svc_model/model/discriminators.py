@@ -7,6 +7,17 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 
+def _conv_stack(convs: nn.ModuleList, post: nn.Module, x: torch.Tensor):
+    """Leaky-ReLU convolutions, keeping every layer's output for feature matching; returns (scores, fmaps)."""
+    fmaps = []
+    for conv in convs:
+        x = F.leaky_relu(conv(x), 0.2)
+        fmaps.append(x)
+    x = post(x)
+    fmaps.append(x)
+    return x.flatten(1), fmaps
+
+
 class PeriodDiscriminator(nn.Module):
     """Folds the waveform by ``period`` and applies 2-D convolutions along time."""
 
@@ -24,14 +35,7 @@ class PeriodDiscriminator(nn.Module):
         b, c, t = x.shape
         if t % self.period:
             x = F.pad(x, (0, self.period - t % self.period), "reflect")
-        x = x.view(b, c, -1, self.period)
-        fmaps = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), 0.2)
-            fmaps.append(x)
-        x = self.post(x)
-        fmaps.append(x)
-        return x.flatten(1), fmaps
+        return _conv_stack(self.convs, self.post, x.view(b, c, -1, self.period))
 
 
 class ResolutionDiscriminator(nn.Module):
@@ -53,13 +57,7 @@ class ResolutionDiscriminator(nn.Module):
     def forward(self, x: torch.Tensor):
         spec = torch.stft(x.squeeze(1).float(), self.n_fft, self.hop, self.win, self.window, center=True,
                           return_complex=True).abs().unsqueeze(1)  # (B, 1, F, T)
-        x, fmaps = spec, []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), 0.2)
-            fmaps.append(x)
-        x = self.post(x)
-        fmaps.append(x)
-        return x.flatten(1), fmaps
+        return _conv_stack(self.convs, self.post, spec)
 
 
 class Discriminator(nn.Module):
