@@ -207,3 +207,16 @@ def test_fine_tuning_from_production_is_a_new_tracked_version(trained_ws):
     assert run.data.tags["fine_tuned_from_version"] == str(production.version)
     assert meta["model_version"] > int(production.version)
     assert str(tracking.alias_version(ws, "candidate").version) == str(meta["model_version"])
+
+
+def test_training_set_split_is_stable_when_a_singer_is_added(trained_ws):
+    from orchestration.training import training_manifest
+
+    ws, _ = trained_ws
+    alone = training_manifest(ws, ["alto"]).set_index("segment_id")["split"]
+    both = training_manifest(ws, ["alto", "bass"]).set_index("segment_id")["split"]
+    assert (both.loc[alone.index] == alone).all()
+    stored = pd.read_parquet(ws.asset_dir("training_set") / "manifest.parquet").set_index("segment_id")["split"]
+    assert (stored.loc[both.index] == both).all()
+    assert not Path(stored.index[0]).is_absolute() and not Path(pd.read_parquet(
+        ws.asset_dir("training_set") / "manifest.parquet")["audio"].iloc[0]).is_absolute()
