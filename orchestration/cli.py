@@ -72,14 +72,15 @@ def init(ctx: click.Context, directory: str | None, config: str) -> None:
 def add_singer_cmd(ws: Workspace, name: str, paths: tuple[str, ...], append: bool, no_push: bool) -> None:
     """Copy recordings (files or folders) into data/raw/NAME, version them with DVC, register the singer."""
     from orchestration.build import open_instance
+
+    _add_singer(ws, name, list(paths), append=append, push=not no_push, instance=open_instance(ws))
+
+
+def _add_singer(ws, name, paths, *, append, push, instance) -> None:
     from orchestration.singers import add_singer
 
-    _add_singer(ws, name, list(paths), append=append, push=not no_push, instance=open_instance(ws), add=add_singer)
-
-
-def _add_singer(ws, name, paths, *, append, push, instance, add) -> None:
     click.echo(f"{'appending to' if append else 'adding'} singer {name!r} in {ws.root}")
-    report = add(ws, name, paths, append=append, instance=instance, push=push, log=click.echo)
+    report = add_singer(ws, name, paths, append=append, instance=instance, push=push, log=click.echo)
     click.echo(
         f"added {len(report.added)} file(s), {report.seconds:.1f} s of audio; skipped {len(report.skipped)}"
     )
@@ -404,7 +405,6 @@ def demo(ctx: click.Context, workspace_dir: str | None) -> None:
     from orchestration.build import asset_status, open_instance
     from orchestration.build import build as run_build
     from orchestration.definitions import build_definitions
-    from orchestration.singers import add_singer
 
     started = time.perf_counter()
     root = Path(workspace_dir or (ctx.obj or {}).get("workspace_dir") or PROJECT_ROOT / "demo")
@@ -416,8 +416,7 @@ def demo(ctx: click.Context, workspace_dir: str | None) -> None:
             if singer in ws.singers():
                 click.echo(f"singer {singer!r} already added (reusing)")
                 continue
-            _add_singer(ws, singer, [str(DEMO_VOICES_DIR / singer)], append=False, push=True,
-                        instance=instance, add=add_singer)
+            _add_singer(ws, singer, [str(DEMO_VOICES_DIR / singer)], append=False, push=True, instance=instance)
         t_build = time.perf_counter()
         click.secho("== building clean_audio and the features (only stale or missing partitions)", bold=True)
         steps = run_build(ws, instance=instance, log=click.echo)
