@@ -272,7 +272,6 @@ def convert(ws: Workspace, source, output, singer, reference, blend, pitch_shift
     if len(chosen) != 1:
         _fail("give exactly one target: --singer NAME, --reference FILE or --blend a=0.7,b=0.3")
     target = _parse_blend(blend) if blend else (reference or singer)
-    shift = pitch_shift
     ckpt, label = (Path(checkpoint), checkpoint) if checkpoint else _registry_checkpoint(ws, model_uri)
     out = Path(output)
     if out.suffix.lower() not in (".wav", ".flac", ".ogg"):
@@ -286,7 +285,7 @@ def convert(ws: Workspace, source, output, singer, reference, blend, pitch_shift
                 bar.total = total
                 bar.update(done - bar.n)
 
-            result = converter.convert(source, target, shift, progress=progress)
+            result = converter.convert(source, target, pitch_shift, progress=progress)
     except (AudioError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     from svc_model.audio import write_audio

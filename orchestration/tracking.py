@@ -114,7 +114,7 @@ def register_checkpoint(ws: Workspace, run_id: str, checkpoint: Path, tags: dict
     with contextlib.nullcontext() if reuse else mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model", python_model=pyfunc_model.__file__, artifacts={"checkpoint": str(checkpoint)},
-            signature=PYFUNC_SIGNATURE(), pip_requirements=["voicecraft-svc"], registered_model_name=name,
+            signature=pyfunc_signature(), pip_requirements=["voicecraft-svc"], registered_model_name=name,
             await_registration_for=60)
     version = client(ws).get_model_version(name, str(info.registered_model_version))
     for key, value in (tags or {}).items():
@@ -122,7 +122,7 @@ def register_checkpoint(ws: Workspace, run_id: str, checkpoint: Path, tags: dict
     return version
 
 
-def PYFUNC_SIGNATURE():
+def pyfunc_signature():
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from svc_model.audio import AudioError, decode, frame_levels_db, resample, to_mono
 from svc_model.config import SVCConfig
+from svc_model.features.base import fit_frames
 
 Target = Union[str, Path, Mapping[str, float]]
 
@@ -198,8 +199,6 @@ class Converter:
             f0 = np.pad(f0, (0, frames - len(f0))) * factor
             ppg = self.extractor("ppg").extract(piece16)
             vec = self.extractor("vec").extract(piece16)
-            from svc_model.features.base import fit_frames
-
             ppg = fit_frames(np.repeat(ppg, 2, axis=0), frames)
             vec = fit_frames(np.repeat(vec, 2, axis=0), frames)
             with torch.no_grad():

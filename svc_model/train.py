@@ -314,13 +314,13 @@ class Trainer:
         rows = self.valid_rows if not self.valid_rows.empty else self.train_rows
         dataset = SegmentDataset(rows.head(max_items), self.cfg.spectrogram.hop, max_frames=1500)
         self.generator.eval()
-        mels, samples = [], []
         # Fixed noise for comparable figures, and the training RNG left exactly as it was.
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(0)
-            return self._validate(dataset, rows, mels, samples)
+            return self._validate(dataset, rows)
 
-    def _validate(self, dataset, rows, mels, samples):
+    def _validate(self, dataset, rows) -> tuple[dict[str, float], list[dict]]:
+        mels, samples = [], []
         for i in range(len(dataset)):
             item = dataset.load(i)
             batch = self._to_device(collate([item]))
@@ -428,7 +428,3 @@ def mel_image(mel: np.ndarray) -> np.ndarray:
 
     norm = (mel - mel.min()) / max(1e-6, float(mel.max() - mel.min()))
     return (cm.magma(norm[::-1])[:, :, :3] * 255).astype(np.uint8)
-
-
-def save_config(cfg: SVCConfig, path: Path) -> None:
-    path.write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
