@@ -31,6 +31,17 @@ def raw_recordings(context) -> dg.DataVersionsByPartition:
     return dg.DataVersionsByPartition(versions)
 
 
+@dg.observable_source_asset(
+    group_name="ingest",
+    description="Which singers are registered. Data version = a hash of the sorted names, so adding or removing "
+    "a singer marks the training set as needing a rebuild before any feature is computed.",
+)
+def singer_roster(context) -> dg.DataVersion:
+    from orchestration.singers import roster_version
+
+    return dg.DataVersion(roster_version(context.instance.get_dynamic_partitions(SINGERS)))
+
+
 def _table_md(rows: list[tuple[str, str]], headers: tuple[str, str]) -> str:
     lines = [f"| {headers[0]} | {headers[1]} |", "| --- | --- |"]
     lines += [f"| `{a}` | {b.replace('|', '/')} |" for a, b in rows]

@@ -10,7 +10,7 @@ PATH_COLUMNS = ("audio", "pitch", "ppg", "vec", "speaker")
 
 
 @dg.asset(
-    deps=["pitch", "ppg", "vec", "speaker_embedding"],
+    deps=["singer_roster", "pitch", "ppg", "vec", "speaker_embedding"],
     code_version="1",
     group_name="training",
     kinds={"parquet"},

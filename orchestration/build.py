@@ -31,23 +31,54 @@ def partition_statuses(
     defs: dg.Definitions, instance: dg.DagsterInstance, assets: Iterable[str], singers: Iterable[str]
 ) -> dict[tuple[str, str], str]:
     """``{(asset, singer): "fresh" | "stale" | "missing"}`` as the Dagster UI computes it."""
-    status = _status_resolver(defs, instance)
+    status = status_resolver(defs, instance)
     return {(asset, singer): status(asset, singer) for asset in assets for singer in singers}
 
 
 def asset_status(defs: dg.Definitions, instance: dg.DagsterInstance, asset: str) -> str:
     """"fresh" | "stale" | "missing" for an asset that is not partitioned (training_set, svc_checkpoint...)."""
-    return _status_resolver(defs, instance)(asset, None)
+    return status_resolver(defs, instance)(asset, None)
 
 
-def _status_resolver(defs: dg.Definitions, instance: dg.DagsterInstance):
-    # Dagster's own resolver, the one behind the UI's "unsynced" labels (an internal API, pinned by dagster<1.14).
+def status_resolver(defs: dg.Definitions, instance: dg.DagsterInstance) -> Callable[[str, str | None], str]:
+    """``status(asset, partition_or_None)`` -> "fresh" | "stale" | "missing", cached for one look at the instance.
+
+    Dagster's own resolver (the one behind the UI's "unsynced" labels) calls an asset stale once an upstream has
+    been rebuilt; this one also calls it stale while an upstream is stale or missing, because it will change when
+    the upstream is rebuilt. That is what "materialize unsynced" in the UI would do, and what `svc build` does.
+    """
+    # An internal API of Dagster, pinned by dagster<1.14.
+    from functools import cache
+
     from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
     from dagster._core.loader import LoadingContextForTest
 
-    resolver = CachingStaleStatusResolver(instance, defs.resolve_asset_graph(), LoadingContextForTest(instance))
+    graph = defs.resolve_asset_graph()
+    resolver = CachingStaleStatusResolver(instance, graph, LoadingContextForTest(instance))
     names = {StaleStatus.FRESH: "fresh", StaleStatus.STALE: "stale", StaleStatus.MISSING: "missing"}
-    return lambda asset, partition: names[resolver.get_status(dg.AssetKey(asset), partition)]
+    singers = instance.get_dynamic_partitions(SINGERS)
+    ws = defs.resources["workspace"].get()
+
+    @cache
+    def status(asset: str, partition: str | None) -> str:
+        key = dg.AssetKey(asset)
+        own = names[resolver.get_status(key, partition)]
+        if own != "fresh":
+            return own
+        # Dagster's SQLite storage cannot wipe one partition's history: a singer removed and added again under the
+        # same name would look built, so a partition whose folder is gone counts as missing.
+        if partition and not ws.partition_dir(asset, partition).is_dir():
+            return "missing"
+        for parent in sorted(graph.get(key).parent_keys):
+            node = graph.get(parent)
+            if node.is_external:  # sources (recordings, roster) already show in the asset's own status
+                continue
+            parts = [None] if not node.is_partitioned else [partition] if partition else singers
+            if any(status(parent.to_user_string(), p) != "fresh" for p in parts):
+                return "stale"
+        return "fresh"
+
+    return status
 
 
 class BuildError(RuntimeError):
@@ -127,8 +158,11 @@ def build(
 
 
 def materialize_training(ws: Workspace, *, steps: int | None = None, fine_tune: bool = False, device: str = "auto",
-                         instance: dg.DagsterInstance | None = None, extra_assets: Iterable[str] = ()) -> dict:
+                         instance: dg.DagsterInstance | None = None, extra_assets: Iterable[str] = (),
+                         tags: dict[str, str] | None = None) -> dict:
     """Run training_set, svc_checkpoint, evaluation_report (and ``extra_assets``) in one in-process run.
+
+    ``tags`` are added to the run's tags, so a launcher (the studio) can find its run in the instance.
 
     Returns ``{asset: metadata}`` of what materialized; raises :class:`BuildError` with the reason on failure.
     """
@@ -142,7 +176,7 @@ def materialize_training(ws: Workspace, *, steps: int | None = None, fine_tune: 
                   "loggers": {"console": {"config": {"log_level": "INFO"}}}}
     result = dg.materialize([*ASSETS, *ASSET_CHECKS], selection=[dg.AssetKey(a) for a in selection],
                             instance=instance, resources=defs.resources, run_config=run_config,
-                            tags={"svc/launched_by": "svc train"}, raise_on_error=False)
+                            tags={**(tags or {}), "svc/launched_by": "svc train"}, raise_on_error=False)
     if not result.success:
         raise BuildError(f"training run {result.run_id[:8]} failed: {_failure_reason(result)}")
     return {

@@ -99,42 +99,102 @@ def _add_singer(ws, name, paths, *, append, push, instance) -> None:
 @main.command()
 @click.option("--asset", "assets", multiple=True, help="Asset to build (repeatable; default: every per-singer asset).")
 @click.option("--singer", "singers", multiple=True, help="Singer to build (repeatable; default: all).")
+@click.option("--train", "then_train", is_flag=True,
+              help="Then, if the training set is stale, train (fine-tuning from production), evaluate and register "
+                   "a 'candidate' version.")
+@click.option("--from-scratch", is_flag=True, help="With --train: do not start from the production model.")
+@click.option("--steps", type=int, default=None, help="With --train: steps (default: the config's train.steps).")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @with_workspace
-def build(ws: Workspace, assets: tuple[str, ...], singers: tuple[str, ...]) -> None:
-    """Materialize what is stale or missing, like "Materialize unsynced" in the UI."""
+def build(ws: Workspace, assets: tuple[str, ...], singers: tuple[str, ...], then_train: bool, from_scratch: bool,
+          steps: int | None, device: str) -> None:
+    """Materialize what is stale or missing, like "Materialize unsynced" in the UI; with --train, retrain too."""
+    from orchestration.build import asset_status, open_instance
     from orchestration.build import build as run_build
+    from orchestration.definitions import build_definitions
     from orchestration.jobs import PER_SINGER_ASSETS
 
     unknown = sorted(set(assets) - set(PER_SINGER_ASSETS))
     if unknown:
         _fail(f"unknown asset(s) {unknown}; choose from {PER_SINGER_ASSETS}")
-    steps = run_build(ws, assets=assets or PER_SINGER_ASSETS, singers=singers or None, log=click.echo)
-    for step in steps:
+    started = time.perf_counter()
+    instance = open_instance(ws)
+    try:
+        steps_done = run_build(ws, assets=assets or PER_SINGER_ASSETS, singers=singers or None, instance=instance,
+                               log=click.echo)
+        training_set = asset_status(build_definitions(ws), instance, "training_set")
+    finally:
+        instance.dispose()
+    for step in steps_done:
         click.echo(f"  {step.singer}: {', '.join(step.assets)} in {step.seconds:.1f} s (run {step.run_id[:8]})")
+    click.echo(f"built {sum(len(s.assets) for s in steps_done)} partition(s) in {time.perf_counter() - started:.1f} s; "
+               f"training_set is {training_set}")
+    if not then_train:
+        return
+    if training_set == "fresh":
+        click.echo("the training set is up to date: nothing to train")
+        return
+    args = ["--device", device] + ([] if from_scratch else ["--fine-tune"]) + (["--steps", str(steps)] if steps else [])
+    _train_in_subprocess(ws, args)
+
+
+def _train_in_subprocess(ws: Workspace, args: list[str]) -> None:
+    """`svc train` in a process of its own, as a run launched from the Dagster UI would be: the feature extractors'
+    thread pools (CTranslate2 brings its own OpenMP) would otherwise compete with training for the cores."""
+    code = subprocess.call([str(Path(sys.executable).parent / "svc"), "-C", str(ws.root), "train", *args])
+    if code != 0:
+        _fail(f"training failed (exit {code})")
 
 
 @main.command()
 @with_workspace
 def status(ws: Workspace) -> None:
-    """Show each singer's partitions: fresh, stale or missing, with the DVC data version."""
-    from orchestration.build import open_instance, partition_statuses
-    from orchestration.definitions import build_definitions
-    from orchestration.jobs import PER_SINGER_ASSETS
+    """Each singer's assets (fresh, stale, missing) with the DVC data version; the training assets; the registry."""
+    from orchestration.status import workspace_status
 
-    instance = open_instance(ws)
-    singers = ws.singers()
-    statuses = partition_statuses(build_definitions(ws), instance, PER_SINGER_ASSETS, singers)
-    registered = set(instance.get_dynamic_partitions("singers"))
+    st = workspace_status(ws)
     click.echo(f"workspace {ws.root}")
-    header = f"{'singer':<16} {'dvc md5':<14} " + " ".join(f"{a:<12}" for a in PER_SINGER_ASSETS)
-    click.echo(header)
-    for singer in singers:
-        md5 = (ws.singer_data_version(singer) or "-")[:12]
-        cells = " ".join(f"{statuses[(a, singer)] if singer in registered else 'unregistered':<12}"
-                         for a in PER_SINGER_ASSETS)
-        click.echo(f"{singer:<16} {md5:<14} {cells}")
-    if not singers:
+    header = f"{'singer':<16} {'dvc md5':<13} {'files':>5} {'segs':>5} {'min':>6}  "
+    assets = list(st.singers[0].assets) if st.singers else []
+    click.echo(header + " ".join(f"{a:<17}" for a in assets))
+    for row in st.singers:
+        cells = " ".join(f"{row.assets[a]:<17}" for a in assets)
+        click.echo(f"{row.name:<16} {(row.dvc_md5 or '-')[:12]:<13} {row.files:>5} {row.segments:>5} "
+                   f"{row.minutes:>6.2f}  {cells}")
+    if not st.singers:
         click.echo("(no singers yet: svc add-singer NAME FILES...)")
+    click.echo("training: " + ", ".join(f"{a} {s}" for a, s in st.training.items()))
+    click.echo(f"registry {ws.settings.registered_model_name!r}: production "
+               f"{'version ' + st.production if st.production else 'none'}, candidate "
+               f"{'version ' + st.candidate if st.candidate else 'none'}")
+    stale = [f"{a}[{r.name}]" for r in st.singers for a, s in r.assets.items() if s != "fresh"]
+    if stale:
+        click.echo(f"to rebuild ({len(stale)}): {', '.join(stale)}  ->  svc -C {ws.root} build")
+    elif st.training["training_set"] != "fresh":
+        click.echo(f"features are up to date; the training set is {st.training['training_set']}  ->  "
+                   f"svc -C {ws.root} build --train")
+
+
+@main.command("remove-singer")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@with_workspace
+def remove_singer_cmd(ws: Workspace, name: str, yes: bool) -> None:
+    """Remove a singer: derived data, the Dagster partition and the .dvc file. DVC's cache and git history keep
+    the recordings."""
+    from orchestration.build import open_instance
+    from orchestration.singers import remove_singer
+
+    if not yes:
+        click.confirm(f"Remove singer {name!r} from {ws.root} (its features and partition; recordings stay in DVC's "
+                      "cache and git history)?", abort=True)
+    instance = open_instance(ws)
+    try:
+        report = remove_singer(ws, name, instance, log=click.echo)
+    finally:
+        instance.dispose()
+    click.echo(f"removed singer {name!r}: {len(report.derived_removed)} derived partition(s); training_set is now "
+               f"stale (run `svc -C {ws.root} build --train` to retrain without {name!r})")
 
 
 @main.command()
@@ -146,8 +206,10 @@ def status(ws: Workspace) -> None:
 @click.option("--fine-tune-from", "init_from", type=click.Path(dir_okay=False), default=None,
               help="With --local: start from this checkpoint file.")
 @click.option("--fresh", is_flag=True, help="With --local: ignore checkpoints already in runs/NAME.")
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", hidden=True,
+              help="Extra Dagster run tag (repeatable); the studio finds the run it launched by one.")
 @with_workspace
-def train(ws: Workspace, steps, fine_tune, device, local_name, init_from, fresh) -> None:
+def train(ws: Workspace, steps, fine_tune, device, local_name, init_from, fresh, tags) -> None:
     """Train: training_set -> svc_checkpoint (one MLflow run, a new registered version) -> evaluation_report,
     as one Dagster run on the workspace's instance. With --local, a plain run in runs/NAME."""
     if local_name:
@@ -160,7 +222,8 @@ def train(ws: Workspace, steps, fine_tune, device, local_name, init_from, fresh)
         return
     from orchestration.build import materialize_training
 
-    out = materialize_training(ws, steps=steps, fine_tune=fine_tune, device=device)
+    run_tags = dict(tag.partition("=")[::2] for tag in tags)
+    out = materialize_training(ws, steps=steps, fine_tune=fine_tune, device=device, tags=run_tags)
     ckpt, report = out["svc_checkpoint"], out["evaluation_report"]
     click.echo(f"registered {ckpt['registered_model']} version {ckpt['model_version']} "
                f"(steps {ckpt['steps']}, final mel {ckpt['final_mel_loss']}); MLflow run {ckpt['mlflow_run_url']}")
@@ -312,6 +375,39 @@ def ui(ws: Workspace, port: int, host: str) -> None:
     os.execve(cmd[0], cmd, ws.env())
 
 
+@main.command()
+@click.option("--port", default=7860, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--dagster-url", default="http://127.0.0.1:3000", show_default=True,
+              help="Where `svc ui` serves the Dagster UI (the Train tab links its runs there).")
+@click.option("--tensorboard-url", default="http://127.0.0.1:6006", show_default=True,
+              help="Where `svc tensorboard` serves TensorBoard (the Train tab links to it).")
+@click.option("--max-upload-minutes", default=5.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Longest recording the studio accepts; add longer ones with `svc add-singer`.")
+@with_workspace
+def studio(ws: Workspace, port: int, host: str, dagster_url: str, tensorboard_url: str,
+           max_upload_minutes: float) -> None:
+    """Open the studio in the browser: convert (upload or record), add singers, train and promote."""
+    from orchestration.studio import Studio, serve
+
+    click.echo(f"studio on workspace {ws.root}: http://{host}:{port}")
+    serve(Studio(ws, dagster_url=dagster_url, tensorboard_url=tensorboard_url, max_upload_s=max_upload_minutes * 60),
+          host=host, port=port)
+
+
+@main.command()
+@click.option("--port", default=6006, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@with_workspace
+def tensorboard(ws: Workspace, port: int, host: str) -> None:
+    """Run TensorBoard on the workspace's training logs (runs/)."""
+    ws.runs_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [str(Path(sys.executable).parent / "tensorboard"), "--logdir", str(ws.runs_dir), "--host", host,
+           "--port", str(port)]
+    click.echo(" ".join(cmd))
+    os.execve(cmd[0], cmd, ws.env())  # exec, as `svc ui`: stopping `svc tensorboard` stops TensorBoard
+
+
 DEMO_SOURCE = DEMO_VOICES_DIR / "speaker-d" / "57.flac"  # the held-back voice, used as the song to convert
 
 
@@ -389,7 +485,8 @@ def print_next_steps(ws: Workspace) -> None:
     click.echo(f"  Dagster UI:  {venv_bin / 'svc'} -C {ws.root} ui        # then http://127.0.0.1:3000")
     click.echo(f"  MLflow UI:   {venv_bin / 'mlflow'} ui --backend-store-uri {ws.tracking_uri} "
                f"--default-artifact-root {ws.artifact_root} --port 5000")
-    click.echo(f"  TensorBoard: {venv_bin / 'tensorboard'} --logdir {ws.runs_dir}")
+    click.echo(f"  TensorBoard: {venv_bin / 'svc'} -C {ws.root} tensorboard   # then http://127.0.0.1:6006")
+    click.echo(f"  Studio:      {venv_bin / 'svc'} -C {ws.root} studio        # then http://127.0.0.1:7860")
     click.echo(f"  Status:      {venv_bin / 'svc'} -C {ws.root} status; {venv_bin / 'svc'} -C {ws.root} models")
 
 

@@ -8,9 +8,9 @@ sensor requests the new singer's per-singer assets itself. Changed recordings on
 import dagster as dg
 
 from orchestration.jobs import build_singer_job
-from orchestration.partitions import singers_partitions
+from orchestration.partitions import SINGERS, singers_partitions
 from orchestration.resources import WorkspaceResource
-from orchestration.singers import plan_singer_sync, raw_recordings_observation
+from orchestration.singers import plan_singer_sync, raw_recordings_observation, roster_observation
 
 
 @dg.sensor(
@@ -30,6 +30,8 @@ def singer_sensor(context: dg.SensorEvaluationContext, workspace: WorkspaceResou
     if not plan.new and not plan.changed:
         return dg.SensorResult(skip_reason="no new or changed singers")
     events = [raw_recordings_observation(s, plan.versions[s]) for s in plan.new + plan.changed]
+    if plan.new:
+        events.append(roster_observation([*context.instance.get_dynamic_partitions(SINGERS), *plan.new]))
     runs = [
         dg.RunRequest(
             run_key=f"{singer}@{plan.versions[singer]}",

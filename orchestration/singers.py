@@ -19,6 +19,7 @@ from orchestration.partitions import SINGERS
 from orchestration.workspace import Workspace, WorkspaceError, validate_singer_name
 
 RAW_RECORDINGS = dg.AssetKey("raw_recordings")
+SINGER_ROSTER = dg.AssetKey("singer_roster")
 DATA_VERSION_TAG = "dagster/data_version"
 
 
@@ -32,9 +33,27 @@ def raw_recordings_observation(singer: str, version: str) -> dg.AssetObservation
     )
 
 
-def latest_observed_version(instance: dg.DagsterInstance, singer: str) -> str | None:
+def roster_version(singers: Iterable[str]) -> str:
+    return hashlib.md5("\n".join(sorted(singers)).encode()).hexdigest()[:16]
+
+
+def roster_observation(singers: Iterable[str]) -> dg.AssetObservation:
+    names = sorted(singers)
+    return dg.AssetObservation(asset_key=SINGER_ROSTER, tags={DATA_VERSION_TAG: roster_version(names)},
+                               metadata={"singers": ", ".join(names) or "(none)", "count": len(names)})
+
+
+def observe_roster(instance: dg.DagsterInstance) -> None:
+    """Record the registered singers as ``singer_roster``'s data version, if it changed."""
+    current = roster_version(instance.get_dynamic_partitions(SINGERS))
+    if latest_observed_version(instance, None, SINGER_ROSTER) != current:
+        instance.report_runless_asset_event(roster_observation(instance.get_dynamic_partitions(SINGERS)))
+
+
+def latest_observed_version(instance: dg.DagsterInstance, singer: str | None,
+                            asset_key: dg.AssetKey = RAW_RECORDINGS) -> str | None:
     records = instance.fetch_observations(
-        dg.AssetRecordsFilter(asset_key=RAW_RECORDINGS, asset_partitions=[singer]), limit=1
+        dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=[singer] if singer else None), limit=1
     ).records
     if not records:
         return None
@@ -74,6 +93,7 @@ def register_singer(ws: Workspace, instance: dg.DagsterInstance, singer: str) ->
         raise WorkspaceError(f"{ws.singer_dvc_file(singer)}: missing; run `dvc add data/raw/{singer}` first")
     if not instance.has_dynamic_partition(SINGERS, singer):
         instance.add_dynamic_partitions(SINGERS, [singer])
+        observe_roster(instance)
     if latest_observed_version(instance, singer) != version:
         instance.report_runless_asset_event(raw_recordings_observation(singer, version))
     return version
@@ -210,4 +230,55 @@ def add_singer(
         report.pushed = True
     if instance is not None:
         register_singer(ws, instance, singer)
+    return report
+
+
+# ---- removing a singer ---------------------------------------------------------------------------------------------
+@dataclass
+class RemovalReport:
+    singer: str
+    derived_removed: list[str] = field(default_factory=list)  # assets whose partition folder was deleted
+    raw_removed: bool = False
+    partition_removed: bool = False
+
+
+def remove_singer(ws: Workspace, singer: str, instance: dg.DagsterInstance, *,
+                  log: Callable[[str], None] = print) -> RemovalReport:
+    """Remove a singer from the workspace: derived data, the recordings' working copy, the ``.dvc`` file and the
+    Dagster partition (its run history stays).
+
+    The recordings stay in DVC's cache and remote, and the ``.dvc`` file stays in git history, so an older commit
+    still checks them out. Refused when the working copy has changes that DVC has not cached.
+    """
+    from orchestration.jobs import PER_SINGER_ASSETS
+
+    validate_singer_name(singer)
+    raw, dvc_file = ws.singer_raw_dir(singer), ws.singer_dvc_file(singer)
+    registered = instance.has_dynamic_partition(SINGERS, singer)
+    if not (raw.exists() or dvc_file.exists() or registered):
+        raise WorkspaceError(f"no singer {singer!r} in {ws.root} (singers: {', '.join(ws.singers()) or 'none'})")
+    if dvc_file.exists() and raw.exists():
+        status = ws.run_tool("dvc", "status", "-q", str(dvc_file.relative_to(ws.root)), check=False)
+        if status.returncode != 0:
+            raise WorkspaceError(f"data/raw/{singer}/ has changes that DVC has not recorded; run "
+                                 f"`dvc add data/raw/{singer}` (or `svc add-singer {singer} --append`) first, "
+                                 "so that nothing is lost")
+    report = RemovalReport(singer)
+    for asset in PER_SINGER_ASSETS:
+        if ws.remove_partition(asset, singer):
+            report.derived_removed.append(asset)
+            log(f"  removed data/derived/{asset}/{singer}/")
+    if dvc_file.exists():
+        # Without --outs: DVC only forgets the output; the cache (and the remote) keep the recordings.
+        ws.run_tool("dvc", "remove", "-q", str(dvc_file.relative_to(ws.root)))
+        log(f"  removed data/raw/{singer}.dvc (the recordings stay in DVC's cache and in git history)")
+    if raw.exists():
+        shutil.rmtree(raw)
+        report.raw_removed = True
+        log(f"  removed the working copy data/raw/{singer}/")
+    if registered:
+        instance.delete_dynamic_partition(SINGERS, singer)
+        observe_roster(instance)
+        report.partition_removed = True
+        log(f"  removed Dagster partition {singer!r}; training_set now needs a rebuild")
     return report

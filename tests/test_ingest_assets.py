@@ -172,7 +172,9 @@ def test_sensor_registers_new_singer_and_requests_its_run(workspace, instance, v
     (request,) = result.run_requests
     assert request.partition_key == "erin"
     assert request.run_key == f"erin@{workspace.singer_data_version('erin')}"
-    assert [e.partition for e in result.asset_events] == ["erin"]
+    assert [(e.asset_key.to_user_string(), e.partition) for e in result.asset_events] == [
+        ("raw_recordings", "erin"), ("singer_roster", None)]
+    assert result.asset_events[1].metadata["singers"].value == "erin"
 
     # What the daemon does with the result; afterwards a known singer gives nothing.
     instance.add_dynamic_partitions("singers", ["erin"])
