@@ -219,13 +219,16 @@ class Studio:
         # The output's own f0, measured as the source's was: how well the model followed the requested pitch.
         measured = converter.extractor("pitch").extract(resample(result.audio, result.sample_rate, 16000))[:, 0]
         curves = {"source": result.source_f0, "output": measured}
+        voiced = result.source_f0 > 0
+        followed = float((measured[: len(voiced)] > 0)[voiced[: len(measured)]].mean()) if voiced.any() else 0.0
         if result.pitch_shift:
             curves[f"requested ({result.pitch_shift:+.0f} st)"] = result.output_f0
         f0 = pd.concat([pd.DataFrame({"seconds": pd.RangeIndex(len(v)) / 100, "f0_hz": pd.Series(v).where(v > 0),
                                       "curve": name}) for name, v in curves.items()], ignore_index=True)
         summary = (f"Converted **{source.name}** into **{result.target}** with **{label}**: pitch shift "
                    f"{result.pitch_shift:+.0f} semitones, {len(result.audio) / result.sample_rate:.1f} s of audio in "
-                   f"{result.chunks} piece(s), {result.seconds:.1f} s. Saved as `{self.ws.relative(out)}`.")
+                   f"{result.chunks} piece(s), {result.seconds:.1f} s; the output is voiced in {followed:.0%} of the "
+                   f"source's voiced frames. Saved as `{self.ws.relative(out)}`.")
         return Conversion(out, f0, summary)
 
     # ---- Singers tab -----------------------------------------------------------------------------------------
@@ -469,6 +472,7 @@ def _f0_figure(f0: pd.DataFrame):
     for name, curve in f0.groupby("curve", sort=False):
         ax.plot(curve["seconds"], curve["f0_hz"], label=name, linestyle="--" if name.startswith("requested") else "-",
                 linewidth=1.2)
+    ax.set_title("f0: source against output", fontsize=10)
     ax.set_xlabel("seconds")
     ax.set_ylabel("f0 (Hz)")
     ax.legend(fontsize=8, loc="upper right")
@@ -485,25 +489,29 @@ def build_app(studio: Studio):
     """The Gradio layout: three tabs wired to :class:`Studio`'s methods."""
     import gradio as gr
 
-    def page_errors(fn):
-        """StudioError -> its message in the page; anything else -> a one-line message (the trace goes to the log)."""
+    def on(trigger, fn, inputs, outputs, message):
+        """Run ``fn`` on ``trigger``. A StudioError (or an unexpected error, whose trace goes to the terminal) is
+        shown in the ``message`` output; the other outputs keep what they show."""
+        at = outputs.index(message)
 
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
+        @functools.wraps(fn)  # Gradio reads fn's signature for its gr.Progress argument
+        def guarded(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
             except StudioError as exc:
-                raise gr.Error(str(exc), duration=None, print_exception=False) from None
+                text = f"**Error:** {exc}"
             except Exception as exc:
                 log.exception("studio: %s failed", fn.__name__)
-                raise gr.Error(f"Unexpected error ({type(exc).__name__}): {exc}. Details are in the terminal "
-                               f"running `svc studio`.", duration=None, print_exception=False) from None
+                text = (f"**Unexpected error** ({type(exc).__name__}): {exc}. The details are in the terminal "
+                        f"running `svc studio`.")
+            return tuple(text if i == at else gr.skip() for i in range(len(outputs)))
 
-        return wrapper
+        return trigger(guarded, inputs, outputs)
 
     ws = studio.ws
     with gr.Blocks(title="VoiceCraft SVC studio", analytics_enabled=False) as app:
         gr.Markdown(f"# VoiceCraft SVC studio\nWorkspace `{ws.root}`")
+        page_message = gr.Markdown()
         with gr.Tab("Convert", id="convert"):
             with gr.Row():
                 with gr.Column():
@@ -529,7 +537,7 @@ def build_app(studio: Studio):
                 with gr.Column():
                     output = gr.Audio(label="Converted", type="filepath", interactive=False, elem_id="output")
                     summary = gr.Markdown(elem_id="summary")
-                    f0_plot = gr.Plot(label="f0: source against output")
+                    f0_plot = gr.Plot(label="f0", show_label=False)
 
         with gr.Tab("Singers", id="singers"):
             singer_table = gr.Dataframe(label="Singers", interactive=False)
@@ -538,19 +546,21 @@ def build_app(studio: Studio):
                 gr.Markdown("### Add a singer\nThe same path as `svc add-singer`: the recordings are validated, "
                             "versioned with DVC and registered in Dagster, then the singer's assets are built.")
                 new_name = gr.Textbox(label="Name", placeholder="letters, digits, - and _", elem_id="new-name")
-                new_files = gr.File(label="Recordings", file_count="multiple", type="filepath")
+                new_files = gr.File(label="Recordings", file_count="multiple", type="filepath", elem_id="new-files")
                 new_recording = gr.Audio(sources=["microphone"], type="filepath", label="Or record one")
                 add_button = gr.Button("Add singer", variant="primary")
-            add_result = gr.Markdown()
+            add_result = gr.Markdown(elem_id="add-result")
 
         with gr.Tab("Train", id="train"):
             gr.Markdown("Each training is one Dagster run (training set, checkpoint in MLflow, evaluation) on this "
                         f"workspace's instance. {studio._tensorboard_link()}")
             with gr.Row():
                 mode = gr.Radio([FINE_TUNE, FROM_SCRATCH], value=FINE_TUNE, label="Start from")
-                steps = gr.Number(label="Steps", value=ws.config().train.steps, precision=0, minimum=1)
-                device = gr.Dropdown(["auto", "cpu", "cuda"], value="auto", label="Device")
-            launch_button = gr.Button("Launch training", variant="primary")
+                steps = gr.Number(label="Steps", value=ws.config().train.steps, precision=0, minimum=1,
+                                  elem_id="steps")
+                device = gr.Dropdown(["auto", "cpu", "cuda"], value="auto", label="Device", elem_id="device")
+            launch_button = gr.Button("Launch training", variant="primary", elem_id="launch")
+            train_message = gr.Markdown(elem_id="train-message")
             train_status = gr.Markdown(elem_id="train-status")
             train_progress = gr.HTML()
             train_links = gr.Markdown()
@@ -559,15 +569,13 @@ def build_app(studio: Studio):
                 with gr.Row():
                     force = gr.Checkbox(label="Force (--force): despite a failing or worse evaluation", value=False)
                     reason = gr.Textbox(label="Reason (--reason), recorded on the version")
-                promote_button = gr.Button("Promote to production", variant="primary")
-            promote_result = gr.Markdown()
+                promote_button = gr.Button("Promote to production", variant="primary", elem_id="promote")
             report = gr.Markdown()
             figures = gr.Gallery(label="Evaluation figures", columns=2, height="auto")
             version_state = gr.State(None)
             timer = gr.Timer(2.0, active=False)
 
         # ---- Convert
-        @page_errors
         def model_changed(chosen):
             note, names = studio.describe_model(chosen or "production")
             first = names[0] if names else None
@@ -575,7 +583,8 @@ def build_app(studio: Studio):
             return (note, gr.Dropdown(choices=names, value=first),
                     *[gr.Dropdown(choices=names, value=v) for v in (first, second, *[None] * (BLEND_SLOTS - 2))])
 
-        model.change(model_changed, model, [model_note, singer, *blend_names])
+        model_outputs = [model_note, singer, *blend_names]
+        on(model.change, model_changed, model, model_outputs, model_note)
 
         def kind_changed(kind):
             return (gr.Dropdown(visible=kind == "Singer"), gr.Audio(visible=kind == "Reference recording"),
@@ -584,7 +593,6 @@ def build_app(studio: Studio):
         target_kind.change(kind_changed, target_kind, [singer, reference, blend_group])
         auto_pitch.change(lambda auto: gr.Slider(interactive=not auto), auto_pitch, semitones)
 
-        @page_errors
         def convert(source, model, kind, singer, reference, auto, shift, *blend, progress=gr.Progress()):
             done = studio.convert(source, model=model or "production", target_kind=kind, singer=singer,
                                   reference=reference, blend=zip(blend[:BLEND_SLOTS], blend[BLEND_SLOTS:]),
@@ -592,19 +600,18 @@ def build_app(studio: Studio):
                                   progress=lambda fraction, desc: progress(fraction, desc=desc))
             return str(done.audio_path), done.summary, _f0_figure(done.f0)
 
-        convert_button.click(convert, [source, model, target_kind, singer, reference, auto_pitch, semitones,
-                                       *blend_names, *blend_weights], [output, summary, f0_plot])
+        on(convert_button.click, convert, [source, model, target_kind, singer, reference, auto_pitch, semitones,
+                                           *blend_names, *blend_weights], [output, summary, f0_plot], summary)
 
         # ---- Singers
-        @page_errors
         def add(name, files, recording, progress=gr.Progress()):
             message = studio.add_singer(name, files, recording,
                                         progress=lambda fraction, desc: progress(fraction, desc=desc))
             return (message, *studio.singers_overview(), gr.Textbox(value=""), gr.File(value=None),
                     gr.Audio(value=None))
 
-        add_button.click(add, [new_name, new_files, new_recording],
-                         [add_result, singer_table, singers_note, new_name, new_files, new_recording])
+        on(add_button.click, add, [new_name, new_files, new_recording],
+           [add_result, singer_table, singers_note, new_name, new_files, new_recording], add_result)
 
         # ---- Train
         def show_training():
@@ -615,33 +622,31 @@ def build_app(studio: Studio):
         training_outputs = [train_status, train_progress, train_links, loss_plot, promote_group, report, figures,
                             version_state, timer]
 
-        @page_errors
         def launch(mode, steps, device):
             studio.launch_training(mode, steps, device)
-            return show_training()
+            return "", *show_training()
 
-        launch_button.click(launch, [mode, steps, device], training_outputs)
-        timer.tick(show_training, None, training_outputs)
+        on(launch_button.click, launch, [mode, steps, device], [train_message, *training_outputs], train_message)
+        on(timer.tick, show_training, None, training_outputs, train_status)
 
         def load_models():
             """The model picker, on production (as `svc convert` defaults to)."""
             return gr.Dropdown(choices=studio.model_choices() or [("none registered yet", "production")],
                                value="production")
 
-        @page_errors
         def promote(version, force, reason):
-            return studio.promote(version, force, reason), load_models()
+            return studio.promote(version, force, reason), load_models(), *show_training()
 
-        promote_button.click(promote, [version_state, force, reason], [promote_result, model]).then(
-            show_training, None, training_outputs)
+        on(promote_button.click, promote, [version_state, force, reason], [train_message, model, *training_outputs],
+           train_message)
 
         # ---- on page load: what the workspace holds now
-        @page_errors
         def load_page():
-            return (load_models(), *studio.singers_overview(), *show_training())
+            return "", load_models(), *studio.singers_overview(), *show_training()
 
-        app.load(load_page, None, [model, singer_table, singers_note, *training_outputs]).then(
-            model_changed, model, [model_note, singer, *blend_names])
+        loaded = on(app.load, load_page, None, [page_message, model, singer_table, singers_note, *training_outputs],
+                    page_message)
+        on(loaded.then, model_changed, model, model_outputs, model_note)
     return app
 
 
