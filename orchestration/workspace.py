@@ -56,8 +56,9 @@ stages:
       - data/derived/speaker_embedding:
           persist: true
   train:
-    cmd: svc train
+    cmd: svc train --fine-tune
     deps:
+      - data/derived/clean_audio
       - data/derived/pitch
       - data/derived/ppg
       - data/derived/vec
