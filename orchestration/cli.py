@@ -409,6 +409,8 @@ def tensorboard(ws: Workspace, port: int, host: str) -> None:
 
 
 DEMO_SOURCE = DEMO_VOICES_DIR / "speaker-d" / "57.flac"  # the held-back voice, used as the song to convert
+DEMO_NEW_SINGER = "speaker-d"  # added in the demo's last act
+DEMO_FINE_TUNE_STEPS = 100
 
 
 DEMO_FORCE_REASON = ("offline CPU demo: the tiny profile trains for minutes on two cores with a random HuBERT and "
@@ -420,9 +422,8 @@ def _demo_promote(ws: Workspace) -> str:
     from orchestration import tracking
     from orchestration.promotion import PromotionError, promote
 
-    candidate = tracking.alias_version(ws, tracking.CANDIDATE)
     production = tracking.alias_version(ws, tracking.PRODUCTION)
-    if production is not None and candidate is not None and str(production.version) == str(candidate.version):
+    if production is not None:  # a person promotes later candidates (the last act leaves one)
         click.echo(f"version {production.version} is already in production (reusing)")
         return "already in production"
     try:
@@ -493,10 +494,15 @@ def print_next_steps(ws: Workspace) -> None:
 @main.command()
 @click.option("-C", "--workspace", "workspace_dir", type=click.Path(file_okay=False), default=None,
               help="Demo workspace (default: demo/ under the project; a rerun reuses it).")
+@click.option("--steps", "train_steps", type=int, default=None,
+              help="Training steps (default: the config's train.steps, 300).")
+@click.option("--fine-tune-steps", type=int, default=DEMO_FINE_TUNE_STEPS, show_default=True,
+              help="Steps of the fine-tune after the fourth singer is added.")
 @click.pass_context
-def demo(ctx: click.Context, workspace_dir: str | None) -> None:
+def demo(ctx: click.Context, workspace_dir: str | None, train_steps: int | None, fine_tune_steps: int) -> None:
     """Offline CPU demo: three bundled voices through Dagster (clean audio, features), a tiny model trained on the
-    CPU, and a held-back voice converted into each singer."""
+    CPU, a held-back voice converted into each singer; then the fourth voice is added, only its partitions are
+    built, and the model is fine-tuned into a 'candidate' version."""
     from orchestration import tracking
     from orchestration.build import asset_status, open_instance
     from orchestration.build import build as run_build
@@ -524,12 +530,7 @@ def demo(ctx: click.Context, workspace_dir: str | None) -> None:
         else:
             click.secho(f"== training the {ws.settings.config} model on the CPU through Dagster: training_set -> "
                         "svc_checkpoint (MLflow run, registered version) -> evaluation_report", bold=True)
-            # A process of its own, as a Dagster run launched from the UI would be: the feature extractors' thread
-            # pools (CTranslate2 brings its own OpenMP) would otherwise compete with training for the cores.
-            code = subprocess.call([str(Path(sys.executable).parent / "svc"), "-C", str(ws.root), "train",
-                                    "--device", "cpu"])
-            if code != 0:
-                _fail(f"training failed (exit {code})")
+            _train_in_subprocess(ws, ["--device", "cpu"] + (["--steps", str(train_steps)] if train_steps else []))
         train_s = time.perf_counter() - t_train
         click.secho("== promoting the candidate to production", bold=True)
         promotion = _demo_promote(ws)
@@ -554,8 +555,50 @@ def demo(ctx: click.Context, workspace_dir: str | None) -> None:
         if f"eval.{k}" in tags) + f"; checks {'passed' if tags.get('eval.passed') == 'true' else 'FAILED: ' + tags.get('eval.failed_checks', '?')}")
     for line in conversions:
         click.echo(f"  {line}")
-    click.echo(f"materialized {len(steps)} partition run(s) in {build_s:.1f} s; demo total {time.perf_counter() - started:.1f} s")
+    click.echo(f"materialized {len(steps)} partition run(s) in {build_s:.1f} s")
+    _demo_add_singer(ws, instance, full_build_s=build_s if steps else None, fine_tune_steps=fine_tune_steps)
+    click.echo(f"demo total {time.perf_counter() - started:.1f} s")
     print_next_steps(ws)
+
+
+def _demo_add_singer(ws: Workspace, instance, *, full_build_s: float | None, fine_tune_steps: int) -> None:
+    """The incremental path: add the fourth voice, build only its partitions, fine-tune into a 'candidate'."""
+    import json
+
+    from orchestration import tracking
+    from orchestration.build import asset_status
+    from orchestration.build import build as run_build
+    from orchestration.definitions import build_definitions
+
+    click.secho(f"\n== adding a fourth singer, {DEMO_NEW_SINGER}: only its partitions are built", bold=True)
+    timings = ws.outputs_dir / "demo" / "timings.json"
+    recorded = json.loads(timings.read_text()) if timings.is_file() else {}
+    if full_build_s is not None and DEMO_NEW_SINGER not in ws.singers():
+        recorded["full_build_s"] = round(full_build_s, 1)  # the first build, of the three first singers
+        timings.write_text(json.dumps(recorded))
+    if DEMO_NEW_SINGER in ws.singers():
+        click.echo(f"singer {DEMO_NEW_SINGER!r} already added (reusing)")
+    else:
+        _add_singer(ws, DEMO_NEW_SINGER, [str(DEMO_VOICES_DIR / DEMO_NEW_SINGER)], append=False, push=True,
+                    instance=instance)
+    t_build = time.perf_counter()
+    steps = run_build(ws, instance=instance, log=click.echo)
+    build_s = time.perf_counter() - t_build
+    built = [f"{a}[{step.singer}]" for step in steps for a in step.assets]
+    first = recorded.get("full_build_s")
+    click.echo(f"materialized {len(built)} partition(s): {', '.join(built) or 'none (up to date)'} in {build_s:.1f} s"
+               + (f"; the first full build of {len(DEMO_SINGERS)} singers took {first:.1f} s" if first else ""))
+    if asset_status(build_definitions(ws), instance, "training_set") == "fresh":
+        click.echo("the training set already includes every singer (reusing the fine-tuned version)")
+    else:
+        click.secho(f"== fine-tuning the production model on {len(ws.singers())} singers for {fine_tune_steps} steps "
+                    "-> evaluation -> a 'candidate' version", bold=True)
+        _train_in_subprocess(ws, ["--device", "cpu", "--fine-tune", "--steps", str(fine_tune_steps)])
+    candidate = tracking.alias_version(ws, tracking.CANDIDATE)
+    production = tracking.alias_version(ws, tracking.PRODUCTION)
+    base = tracking.client(ws).get_run(candidate.run_id).data.tags.get("fine_tuned_from_version") or "-"
+    click.echo(f"version {candidate.version} (fine-tuned from version {base}) is 'candidate'; production stays version {production.version}. Compare with `svc -C {ws.root} models`, "
+               f"promote with `svc -C {ws.root} promote`")
 
 
 if __name__ == "__main__":  # pragma: no cover

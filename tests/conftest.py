@@ -110,3 +110,17 @@ def tiny_manifest(tmp_path_factory, voices_dir):
     manifest = pd.concat(frames, ignore_index=True)
     assert set(manifest["split"]) == {"train", "valid"}
     return manifest
+
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; Playwright cannot download its own browser here
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The browser for UI tests: skipped where it is not installed, a failure where CI requires it."""
+    if not CHROMIUM.is_file():
+        message = f"{CHROMIUM} is missing: install Debian's `chromium` package (`.ci/run` does)"
+        if os.environ.get("SVC_REQUIRE_BROWSER"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return str(CHROMIUM)

@@ -27,7 +27,6 @@ from tests.conftest import clip
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
-CHROMIUM = "/usr/bin/chromium"
 SVC = str(Path(sys.executable).parent / "svc")
 IN_FLIGHT = ["QUEUED", "NOT_STARTED", "STARTING", "STARTED", "CANCELING"]
 
@@ -138,7 +137,7 @@ def dagster_dev(two_singers_built, tmp_path):
 
 
 def test_adding_singers_materializes_only_their_partitions_under_dagster_dev(dagster_dev, two_singers_built,
-                                                                            voices_dir):
+                                                                            voices_dir, chromium):
     ws, server = two_singers_built, dagster_dev
     before = server.materialization_counts()
     assert before == {(a, s): 1 for a in PER_SINGER_ASSETS for s in ("alice", "bob")}
@@ -174,16 +173,16 @@ def test_adding_singers_materializes_only_their_partitions_under_dagster_dev(dag
     assert data["assetNodes"][0]["staleStatus"] in ("STALE", "MISSING")
     assert not [r for r in server.runs() if r["jobName"] == "train"]
 
-    _screenshot_asset_graph(server.url)
+    _screenshot_asset_graph(server.url, chromium)
 
 
-def _screenshot_asset_graph(url: str) -> None:
+def _screenshot_asset_graph(url: str, chromium: str) -> None:
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
             page.goto(f"{url}/asset-groups", wait_until="networkidle")
