@@ -80,11 +80,8 @@ class TrainingView:
 
 def _losses(history: list[dict]) -> pd.DataFrame:
     """``history.jsonl`` rows in long form (step, loss, value) for the loss plot."""
-    return pd.DataFrame({
-        "step": pd.Series([r["step"] for r in history for k in LOSS_TERMS if k in r], dtype="int64"),
-        "loss": pd.Series([k for r in history for k in LOSS_TERMS if k in r], dtype="str"),
-        "value": pd.Series([r[k] for r in history for k in LOSS_TERMS if k in r], dtype="float64"),
-    })
+    rows = [(r["step"], k, r[k]) for r in history for k in LOSS_TERMS if k in r]
+    return pd.DataFrame(rows, columns=["step", "loss", "value"]).astype({"step": "int64", "value": "float64"})
 
 
 def _slug(text: str) -> str:
@@ -206,8 +203,8 @@ class Studio:
         progress(0.0, "loading the model")
         converter, label = self.converter(model)
         try:
-            result = converter.convert(str(source), target, pitch_shift,
-                                       progress=lambda done, total: progress(done / total, f"converting piece {done}/{total}"))
+            result = converter.convert(str(source), target, pitch_shift, progress=lambda done, total: progress(
+                done / total, f"converting piece {done}/{total}"))
         except AudioError as exc:
             raise StudioError(f"{Path(exc.path).name}: {exc.problem}") from None
         except (ValueError, FileNotFoundError) as exc:
@@ -277,7 +274,6 @@ class Studio:
                 problems.append(str(exc))
         if problems:
             raise StudioError("Nothing was added. " + " ".join(problems))
-        lines = []
         instance = open_instance(self.ws)
         try:
             with tempfile.TemporaryDirectory() as tmp:
@@ -286,10 +282,10 @@ class Studio:
                     shutil.copy(recording, named)
                     uploads.append(named)
                 progress(0.05, "copying, validating and versioning the recordings (DVC)")
-                report = add_singer(self.ws, name, uploads, instance=instance, log=lines.append)
+                report = add_singer(self.ws, name, uploads, instance=instance, log=log.info)
             progress(0.3, f"building {name}'s clean audio and features (Dagster)")
             try:
-                build(self.ws, singers=[name], instance=instance, log=lines.append)
+                build(self.ws, singers=[name], instance=instance, log=log.info)
             except BuildError as exc:
                 raise StudioError(f"Singer {name!r} was added, but building its assets failed: {exc}") from None
         except WorkspaceError as exc:
@@ -369,9 +365,9 @@ class Studio:
 
         from orchestration import tracking
 
-        steps = ((run.run_config or {}).get("ops", {}).get("svc_checkpoint", {}).get("config", {}).get("steps")
-                 or self.ws.config().train.steps)
-        view = TrainingView("running", "", steps=int(steps))
+        config = (run.run_config or {}).get("ops", {}).get("svc_checkpoint", {}).get("config", {})
+        mode = "fine-tune" if config.get("fine_tune") else "from scratch"
+        view = TrainingView("running", "", steps=int(config.get("steps") or self.ws.config().train.steps))
         history = self.ws.runs_dir / f"dagster-{run.run_id[:8]}" / "history.jsonl"
         if history.is_file():
             rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
@@ -383,8 +379,6 @@ class Studio:
             + ([f"[MLflow run {mlflow_run.info.run_id[:8]}]({tracking.run_url(self.ws, mlflow_run.info.run_id)})"]
                if mlflow_run else [])
             + [self._tensorboard_link()])
-        mode = "fine-tune" if (run.run_config or {}).get("ops", {}).get("svc_checkpoint", {}).get(
-            "config", {}).get("fine_tune") else "from scratch"
         if run.status == dg.DagsterRunStatus.SUCCESS:
             view.state = "succeeded"
         elif run.status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED) or (
@@ -412,10 +406,11 @@ class Studio:
         if mlflow_run is None:
             return
         name = self.ws.settings.registered_model_name
-        versions = tracking.client(self.ws).search_model_versions(f"name='{name}' and run_id='{mlflow_run.info.run_id}'")
+        client = tracking.client(self.ws)
+        versions = client.search_model_versions(f"name='{name}' and run_id='{mlflow_run.info.run_id}'")
         if not versions:
             return
-        mv = tracking.client(self.ws).get_model_version(name, max(versions, key=lambda v: int(v.version)).version)
+        mv = client.get_model_version(name, max(versions, key=lambda v: int(v.version)).version)
         view.version = str(mv.version)
         tags = mv.tags or {}
         verdict = {"true": "passed its evaluation checks",

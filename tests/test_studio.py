@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-import shutil
+import re
 import signal
 import socket
 import subprocess
@@ -46,7 +46,7 @@ def studio_ws(tmp_path_factory, voices_dir):
     (root / "lenient.yaml").write_text(LENIENT)
     (root / "svc.yaml").write_text((root / "svc.yaml").read_text().replace("config: tiny", "config: lenient.yaml"))
     instance = open_instance(ws)
-    quiet = lambda _: None  # noqa: E731
+    quiet = lambda _: None
     add_singer(ws, "alto", clip(voices_dir, "speaker-a", 3), instance=instance, push=False, log=quiet)
     add_singer(ws, "bass", clip(voices_dir, "speaker-b", 3), instance=instance, push=False, log=quiet)
     build(ws, instance=instance, log=quiet)
@@ -73,8 +73,12 @@ def _text(path: Path, text: str) -> Path:
     return path
 
 
-BAD_AUDIO_MESSAGES = {"silence": "silent", "ten minutes": "too long: 10.0 min > 5 min", "unsupported":
-                      "unsupported extension '.txt'", "corrupt": "cannot decode"}
+BAD_AUDIO_MESSAGES = {
+    "silence": "silent",
+    "ten minutes": "too long: 10.0 min > 5 min limit",  # the studio's limit (svc studio --max-upload-minutes)
+    "unsupported": "unsupported extension '.txt'",
+    "corrupt": "cannot decode",
+}
 
 
 def _listing(folder: Path) -> list[str]:
@@ -82,7 +86,7 @@ def _listing(folder: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_convert_tab(studio_ws, workspace, voices_dir, bad_audio, tmp_path):
+def test_convert_tab(studio_ws, workspace, voices_dir, bad_audio):
     ws = studio_ws
     studio = Studio(ws)
     assert ("production (version 1)", "production") in studio.model_choices()
@@ -118,7 +122,7 @@ def test_convert_tab(studio_ws, workspace, voices_dir, bad_audio, tmp_path):
         "has no version '7'": dict(source=source, singer="alto", model="7"),
     }
     for message, kwargs in bad.items():
-        with pytest.raises(StudioError, match=_escaped(message)):
+        with pytest.raises(StudioError, match=re.escape(message)):
             studio.convert(**kwargs)
     assert _listing(ws.outputs_dir) == before
 
@@ -129,12 +133,6 @@ def test_convert_tab(studio_ws, workspace, voices_dir, bad_audio, tmp_path):
                                                   "in the Train tab and promote it.", [])
     with pytest.raises(StudioError, match="is 'production' yet"):
         empty.convert(source, singer="alto")
-
-
-def _escaped(text: str) -> str:
-    import re
-
-    return re.escape(text)
 
 
 @pytest.mark.slow
@@ -159,7 +157,7 @@ def test_singers_tab(studio_ws, voices_dir, bad_audio, tmp_path):
            for k, path in bad_audio.items()},
     }
     for message, kwargs in bad.items():
-        with pytest.raises(StudioError, match=_escaped(message)):
+        with pytest.raises(StudioError, match=re.escape(message)):
             studio.add_singer(**kwargs)
     assert _listing(ws.raw_dir) == raw_before and ws.singers() == ["alto", "bass"]
 
@@ -196,7 +194,7 @@ def test_train_tab(studio_ws, workspace):
         "Steps must be a whole number of at least 1": (FINE_TUNE, 0, "cpu"),
         "Device must be auto, cpu or cuda": (FINE_TUNE, 2, "tpu"),
     }.items():
-        with pytest.raises(StudioError, match=_escaped(message)):
+        with pytest.raises(StudioError, match=re.escape(message)):
             studio.launch_training(*args)
     with pytest.raises(StudioError, match="No singers yet"):
         Studio(workspace).launch_training(FROM_SCRATCH, 2, "cpu")
@@ -354,7 +352,7 @@ def test_browser_converts_a_recording(page):
 @pytest.mark.timeout(600)
 def test_browser_adds_a_singer_and_trains(page, voices_dir):
     page.get_by_role("tab", name="Singers").click()
-    page.locator("#new-name input").fill("soprano")
+    page.locator("#new-name textarea").fill("soprano")
     page.locator("#new-files input[type=file]").set_input_files([str(p) for p in clip(voices_dir, "speaker-d", 1)])
     page.get_by_role("button", name="Add singer").click()
     page.locator("#add-result").get_by_text("Added soprano").wait_for(timeout=180_000)
@@ -364,8 +362,10 @@ def test_browser_adds_a_singer_and_trains(page, voices_dir):
     page.get_by_role("tab", name="Train").click()
     page.locator("#steps input").fill("2")
     _pick(page, "device", "cpu")
+    page.locator("#train-status").get_by_text("finished").wait_for()  # the last run, test_train_tab's
     page.locator("#launch").click()
-    page.locator("#train-status").get_by_text("(fine-tune) finished: 2 steps").wait_for(timeout=400_000)
-    assert "Registered svc version 3" in page.locator("#train-status").inner_text()
+    page.locator("#train-status").get_by_text("Starting svc train").wait_for()
+    page.locator("#train-status").get_by_text("Registered svc version 3").wait_for(timeout=400_000)
+    assert "(fine-tune) finished: 2 steps" in page.locator("#train-status").inner_text()
     page.locator("#promote").wait_for()  # offered: version 3 is not in production
     _screenshot(page, "studio-train.png")
