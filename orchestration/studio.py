@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -647,8 +648,6 @@ def build_app(studio: Studio):
 
 def serve(studio: Studio, *, host: str = "127.0.0.1", port: int = 7860) -> None:
     """Run the studio until interrupted."""
-    import os
-
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home: the studio works offline
     app = build_app(studio)
     # Gradio serves only files under allowed paths: the conversions and the evaluation report's figures.
