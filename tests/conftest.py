@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +125,26 @@ def chromium() -> str:
             pytest.fail(message)
         pytest.skip(message)
     return str(CHROMIUM)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Thresholds a model trained for a few steps passes, so that tests reach the "passing" path of promotion.
+LENIENT = """extends: tiny
+evaluation:
+  max_segments_per_singer: 1
+  min_f0_corr: -1.0
+  max_f0_rmse_cents: 100000
+  max_vuv_error: 1.0
+  require_timbre_transfer: false
+"""
+
+
+def use_config(root: Path, text: str = LENIENT, name: str = "lenient.yaml") -> None:
+    """Point the workspace at ``root`` to a config file of its own (``svc.yaml: config``)."""
+    (root / name).write_text(text)
+    (root / "svc.yaml").write_text((root / "svc.yaml").read_text().replace("config: tiny", f"config: {name}"))

@@ -9,7 +9,6 @@ import collections
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,19 +21,13 @@ from orchestration.build import build, open_instance
 from orchestration.jobs import PER_SINGER_ASSETS
 from orchestration.singers import add_singer
 from orchestration.workspace import Workspace
-from tests.conftest import clip
+from tests.conftest import clip, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 SVC = str(Path(sys.executable).parent / "svc")
 IN_FLIGHT = ["QUEUED", "NOT_STARTED", "STARTING", "STARTED", "CANCELING"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class DagsterDev:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,20 +21,10 @@ from orchestration.promotion import promote
 from orchestration.singers import add_singer
 from orchestration.studio import FINE_TUNE, FROM_SCRATCH, Studio, StudioError
 from orchestration.workspace import init_workspace
-from tests.conftest import clip, tone, write
+from tests.conftest import clip, free_port, tone, use_config, write
 
 ARTIFACTS = Path(__file__).parent / "artifacts"  # screenshots of each tab (git-ignored; the README's come from here)
-CHROMIUM = "/usr/bin/chromium"
 
-# Loose evaluation thresholds, so that a 3-step model passes and promotes (as in test_tracking).
-LENIENT = """extends: tiny
-evaluation:
-  max_segments_per_singer: 1
-  min_f0_corr: -1.0
-  max_f0_rmse_cents: 100000
-  max_vuv_error: 1.0
-  require_timbre_transfer: false
-"""
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +32,7 @@ def studio_ws(tmp_path_factory, voices_dir):
     """Two singers, a 3-step model in production; the tests below add a third singer and train again."""
     root = tmp_path_factory.mktemp("studio") / "ws"
     ws = init_workspace(root)
-    (root / "lenient.yaml").write_text(LENIENT)
-    (root / "svc.yaml").write_text((root / "svc.yaml").read_text().replace("config: tiny", "config: lenient.yaml"))
+    use_config(root)
     instance = open_instance(ws)
     quiet = lambda _: None
     add_singer(ws, "alto", clip(voices_dir, "speaker-a", 3), instance=instance, push=False, log=quiet)
@@ -238,16 +226,10 @@ def test_tensorboard_opens_on_the_training_logs(workspace, monkeypatch):
 
 
 # ---- the page in a browser ---------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def studio_url(studio_ws, tmp_path_factory):
     """`svc studio` on the trained workspace, in a process of its own; stopped however the tests end."""
-    port = _free_port()
+    port = free_port()
     ARTIFACTS.mkdir(exist_ok=True)
     log_path = ARTIFACTS / "studio-server.log"
     url = f"http://127.0.0.1:{port}"
@@ -276,24 +258,22 @@ def studio_url(studio_ws, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory, voices_dir):
+def browser(tmp_path_factory, voices_dir, chromium):
     """Headless Chromium whose microphone plays a recorded voice (Chromium's fake media devices)."""
     from playwright.sync_api import sync_playwright
 
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"{CHROMIUM} is missing (Debian package `chromium`)")
     # The fake capture device takes a 16-bit WAV.
     mic = tmp_path_factory.mktemp("mic") / "voice.wav"
     data, sr = sf.read(clip(voices_dir, "speaker-c", 3)[-1])
     sf.write(mic, data, sr, subtype="PCM_16")
     with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=[
+        browser = p.chromium.launch(executable_path=chromium, args=[
             "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
             f"--use-file-for-fake-audio-capture={mic}", "--no-sandbox"])
         try:
-            yield chromium
+            yield browser
         finally:
-            chromium.close()
+            browser.close()
 
 
 @pytest.fixture

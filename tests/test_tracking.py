@@ -18,19 +18,10 @@ from orchestration.promotion import PromotionError, promote, rollback
 from orchestration.singers import add_singer
 from orchestration.workspace import init_workspace
 from svc_model.data import split_for
-from tests.conftest import clip
+from tests.conftest import clip, use_config
 
 pytestmark = pytest.mark.slow
 
-# Real thresholds would fail a 3-step model; this workspace loosens them so the "passing" path is exercised.
-LENIENT = """extends: tiny
-evaluation:
-  max_segments_per_singer: 1
-  min_f0_corr: -1.0
-  max_f0_rmse_cents: 100000
-  max_vuv_error: 1.0
-  require_timbre_transfer: false
-"""
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +31,7 @@ def trained_ws(tmp_path_factory, voices_dir):
     os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
     root = tmp_path_factory.mktemp("tracked") / "ws"
     ws = init_workspace(root)
-    (root / "lenient.yaml").write_text(LENIENT)
-    (root / "svc.yaml").write_text((root / "svc.yaml").read_text().replace("config: tiny", "config: lenient.yaml"))
+    use_config(root)
     instance = open_instance(ws)
     quiet = lambda _: None  # noqa: E731
     add_singer(ws, "alto", clip(voices_dir, "speaker-a", 3), instance=instance, push=False, log=quiet)
