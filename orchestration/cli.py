@@ -575,7 +575,9 @@ def _demo_add_singer(ws: Workspace, instance, *, full_build_s: float | None, fin
     recorded = json.loads(timings.read_text()) if timings.is_file() else {}
     if full_build_s is not None and DEMO_NEW_SINGER not in ws.singers():
         recorded["full_build_s"] = round(full_build_s, 1)  # the first build, of the three first singers
-        timings.write_text(json.dumps(recorded))
+        timings.parent.mkdir(parents=True, exist_ok=True)
+        timings.with_suffix(".tmp").write_text(json.dumps(recorded))
+        timings.with_suffix(".tmp").replace(timings)
     if DEMO_NEW_SINGER in ws.singers():
         click.echo(f"singer {DEMO_NEW_SINGER!r} already added (reusing)")
     else:
@@ -597,8 +599,9 @@ def _demo_add_singer(ws: Workspace, instance, *, full_build_s: float | None, fin
     candidate = tracking.alias_version(ws, tracking.CANDIDATE)
     production = tracking.alias_version(ws, tracking.PRODUCTION)
     base = tracking.client(ws).get_run(candidate.run_id).data.tags.get("fine_tuned_from_version") or "-"
-    click.echo(f"version {candidate.version} (fine-tuned from version {base}) is 'candidate'; production stays version {production.version}. Compare with `svc -C {ws.root} models`, "
-               f"promote with `svc -C {ws.root} promote`")
+    click.echo(f"version {candidate.version} (fine-tuned from version {base}) is 'candidate'; production stays "
+               f"version {production.version}. Compare with `svc -C {ws.root} models`, promote with "
+               f"`svc -C {ws.root} promote`")
 
 
 if __name__ == "__main__":  # pragma: no cover
