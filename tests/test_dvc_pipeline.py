@@ -22,6 +22,26 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 FAST = LENIENT + "train:\n  steps: 2\n"
 
 
+def sh(cwd: Path, *args: str) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("DAGSTER_HOME", None)  # svc uses the workspace's own
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(args)} failed in {cwd}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout + done.stderr
+
+
+def git_commit(cwd: Path, message: str) -> None:
+    sh(cwd, "git", "add", "-A")
+    sh(cwd, "git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", message)
+
+
+def clone(origin: Path, target: Path) -> Path:
+    """A teammate's clone: git history, and the origin's DVC remote (a shared remote in real life)."""
+    sh(origin.parent, "git", "clone", "-q", str(origin), str(target))
+    sh(target, "dvc", "remote", "modify", "--local", DVC_REMOTE_NAME, "url", str(origin / DVC_REMOTE_DIR))
+    return target
+
+
 def test_dvc_repro_on_a_fresh_clone_rebuilds_through_dagster(tmp_path, voices_dir):
     origin = tmp_path / "origin"
     ws = init_workspace(origin)
