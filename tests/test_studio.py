@@ -26,7 +26,6 @@ from tests.conftest import clip, free_port, tone, use_config, write
 ARTIFACTS = Path(__file__).parent / "artifacts"  # screenshots of each tab (git-ignored; the README's come from here)
 
 
-
 @pytest.fixture(scope="module")
 def studio_ws(tmp_path_factory, voices_dir):
     """Two singers, a 3-step model in production; the tests below add a third singer and train again."""

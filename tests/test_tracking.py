@@ -23,7 +23,6 @@ from tests.conftest import clip, use_config
 pytestmark = pytest.mark.slow
 
 
-
 @pytest.fixture(scope="module")
 def trained_ws(tmp_path_factory, voices_dir):
     # Sample system metrics every second, so even a 3-step run logs some.
