@@ -61,7 +61,7 @@ def test_demo_runs_the_whole_chain_and_a_rerun_reuses_it(tmp_path):
     candidate = client.get_model_version_by_alias("svc", "candidate")
     assert int(candidate.version) == int(production.version) + 1
     tags = client.get_run(candidate.run_id).data.tags
-    assert tags["fine_tuned_from_version"] == production.version and DEMO_NEW_SINGER in tags["singers"]
+    assert tags["fine_tuned_from_version"] == str(production.version) and DEMO_NEW_SINGER in tags["singers"]
     assert len(client.get_metric_history(candidate.run_id, "train/mel")) == 10
     metrics = json.loads((root / "metrics" / "evaluation.json").read_text())
     assert metrics["model_version"] == int(candidate.version)
