@@ -8,7 +8,7 @@ from typing import Callable, Iterable
 import dagster as dg
 
 from orchestration.partitions import SINGERS
-from orchestration.jobs import PER_SINGER_ASSETS
+from orchestration.jobs import PER_SINGER_ASSETS, TRAINING_ASSETS
 from orchestration.singers import plan_singer_sync, register_singer
 from orchestration.workspace import Workspace
 
@@ -171,7 +171,7 @@ def materialize_training(ws: Workspace, *, steps: int | None = None, fine_tune: 
     instance = instance or open_instance(ws)
     sync_singers(ws, instance)
     defs = build_definitions(ws)
-    selection = ["training_set", "svc_checkpoint", "evaluation_report", *extra_assets]
+    selection = [*TRAINING_ASSETS, *extra_assets]
     run_config = {"ops": {"svc_checkpoint": {"config": {"steps": steps, "fine_tune": fine_tune, "device": device}}},
                   "loggers": {"console": {"config": {"log_level": "INFO"}}}}
     result = dg.materialize([*ASSETS, *ASSET_CHECKS], selection=[dg.AssetKey(a) for a in selection],

@@ -150,15 +150,15 @@ def _train_in_subprocess(ws: Workspace, args: list[str]) -> None:
 @with_workspace
 def status(ws: Workspace) -> None:
     """Each singer's assets (fresh, stale, missing) with the DVC data version; the training assets; the registry."""
+    from orchestration.jobs import PER_SINGER_ASSETS
     from orchestration.status import workspace_status
 
     st = workspace_status(ws)
     click.echo(f"workspace {ws.root}")
     header = f"{'singer':<16} {'dvc md5':<13} {'files':>5} {'segs':>5} {'min':>6}  "
-    assets = list(st.singers[0].assets) if st.singers else []
-    click.echo(header + " ".join(f"{a:<17}" for a in assets))
+    click.echo(header + " ".join(f"{a:<17}" for a in PER_SINGER_ASSETS))
     for row in st.singers:
-        cells = " ".join(f"{row.assets[a]:<17}" for a in assets)
+        cells = " ".join(f"{row.assets[a]:<17}" for a in PER_SINGER_ASSETS)
         click.echo(f"{row.name:<16} {(row.dvc_md5 or '-')[:12]:<13} {row.files:>5} {row.segments:>5} "
                    f"{row.minutes:>6.2f}  {cells}")
     if not st.singers:

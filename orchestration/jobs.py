@@ -6,6 +6,9 @@ from orchestration.partitions import singers_partitions
 # Every asset partitioned by singer, in graph order. A new singer needs exactly these runs.
 PER_SINGER_ASSETS = ["clean_audio", "pitch", "ppg", "vec", "speaker_embedding"]
 
+# What one training run materializes, in graph order.
+TRAINING_ASSETS = ["training_set", "svc_checkpoint", "evaluation_report"]
+
 build_singer_job = dg.define_asset_job(
     "build_singer",
     selection=dg.AssetSelection.assets(*PER_SINGER_ASSETS),
@@ -16,7 +19,7 @@ build_singer_job = dg.define_asset_job(
 # Training runs in one process: one MLflow run, one writer to the SQLite store, no parallel GPU steps.
 train_job = dg.define_asset_job(
     "train",
-    selection=dg.AssetSelection.assets("training_set", "svc_checkpoint", "evaluation_report"),
+    selection=dg.AssetSelection.assets(*TRAINING_ASSETS),
     executor_def=dg.in_process_executor,
     description="Rebuild the training set, train (or fine-tune from production), register and evaluate a version.",
 )

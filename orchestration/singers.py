@@ -45,9 +45,9 @@ def roster_observation(singers: Iterable[str]) -> dg.AssetObservation:
 
 def observe_roster(instance: dg.DagsterInstance) -> None:
     """Record the registered singers as ``singer_roster``'s data version, if it changed."""
-    current = roster_version(instance.get_dynamic_partitions(SINGERS))
-    if latest_observed_version(instance, None, SINGER_ROSTER) != current:
-        instance.report_runless_asset_event(roster_observation(instance.get_dynamic_partitions(SINGERS)))
+    singers = instance.get_dynamic_partitions(SINGERS)
+    if latest_observed_version(instance, None, SINGER_ROSTER) != roster_version(singers):
+        instance.report_runless_asset_event(roster_observation(singers))
 
 
 def latest_observed_version(instance: dg.DagsterInstance, singer: str | None,

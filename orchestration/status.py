@@ -9,11 +9,9 @@ from dataclasses import dataclass, field
 
 import dagster as dg
 
-from orchestration.jobs import PER_SINGER_ASSETS
+from orchestration.jobs import PER_SINGER_ASSETS, TRAINING_ASSETS
 from orchestration.partitions import SINGERS
 from orchestration.workspace import Workspace
-
-TRAINING_ASSETS = ["training_set", "svc_checkpoint", "evaluation_report"]
 
 
 @dataclass
