@@ -1,13 +1,13 @@
-"""Sensors: register singers that appear as ``data/raw/<singer>.dvc`` and request their first runs.
+"""Sensors: register singers that appear as ``data/raw/<singer>.dvc``.
 
-Declarative automation does not backfill partitions that were already missing when it was switched on, so the
-sensor requests the new singer's per-singer assets itself. Changed recordings only need a new observation of
-``raw_recordings``: the eager conditions then rebuild that singer's partitions.
+The sensor only adds the partition and records observations; the automation sensor's eager conditions then
+build the new (newly missing) partitions, exactly as for `svc add-singer`. A run launched here as well raced
+with them: with CI timing, eager re-requested ``vec`` for a singer whose run had just materialized it.
+Changed recordings likewise only need a new observation of ``raw_recordings``.
 """
 
 import dagster as dg
 
-from orchestration.jobs import build_singer_job
 from orchestration.partitions import SINGERS, singers_partitions
 from orchestration.resources import WorkspaceResource
 from orchestration.singers import plan_singer_sync, raw_recordings_observation, roster_observation
@@ -15,10 +15,9 @@ from orchestration.singers import plan_singer_sync, raw_recordings_observation, 
 
 @dg.sensor(
     name="singer_sensor",
-    job=build_singer_job,
     minimum_interval_seconds=10,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Registers a partition for every new data/raw/<singer>.dvc and requests that singer's runs; "
+    description="Registers a partition for every new data/raw/<singer>.dvc (the automation sensor builds it); "
     "records a new raw_recordings data version when a singer's DVC md5 changes.",
 )
 def singer_sensor(context: dg.SensorEvaluationContext, workspace: WorkspaceResource) -> dg.SensorResult:
@@ -32,17 +31,8 @@ def singer_sensor(context: dg.SensorEvaluationContext, workspace: WorkspaceResou
     events = [raw_recordings_observation(s, plan.versions[s]) for s in plan.new + plan.changed]
     if plan.new:
         events.append(roster_observation([*context.instance.get_dynamic_partitions(SINGERS), *plan.new]))
-    runs = [
-        dg.RunRequest(
-            run_key=f"{singer}@{plan.versions[singer]}",
-            partition_key=singer,
-            tags={"svc/reason": "new singer"},
-        )
-        for singer in plan.new
-    ]
     context.log.info(f"new singers: {plan.new}; changed recordings: {plan.changed}")
     return dg.SensorResult(
-        run_requests=runs,
         dynamic_partitions_requests=[singers_partitions.build_add_request(plan.new)] if plan.new else [],
         asset_events=events,
     )
