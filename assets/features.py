@@ -10,15 +10,17 @@ from orchestration.partitions import singers_partitions
 from orchestration.resources import FeatureExtractorsResource, WorkspaceResource
 
 # Bump a version when that asset's output for the same input would change.
-CODE_VERSIONS = {"pitch": "1", "ppg": "1", "vec": "1", "speaker_embedding": "1"}
+CODE_VERSIONS = {"pitch": "1", "ppg": "2", "vec": "2", "speaker_embedding": "1"}
 VOICED_RANGE = (0.05, 0.98)  # a singer's segments outside this are likely noise, silence or a tone
 UNIT_NORM_TOL = 1e-3
 
 DESCRIPTIONS = {
     "pitch": "f0 (Hz, 0 when unvoiced) and voicing per 10 ms frame (100 Hz), from the 16 kHz segments.",
     "ppg": "Whisper encoder frames (PPG) at 50 Hz, encoding only each segment's own frames.",
-    "vec": "HuBERT hidden states at 50 Hz (the content 'vec').",
-    "speaker_embedding": "Resemblyzer 256-d d-vector per segment, plus the singer's mean (mean.npy).",
+    "vec": "Content 'vec' at 50 Hz: HuBERT hidden states or HuBERT-Soft 256-d units (features.vec.backend); "
+           "metadata `vec_backend` names which.",
+    "speaker_embedding": "256-d d-vector per segment (features.speaker.backend: resemblyzer or mozilla-lstm), plus "
+                         "the singer's mean (mean.npy). Metadata `encoder` names the encoder and its weights.",
 }
 
 
@@ -30,7 +32,8 @@ def _checks_for(feature: str) -> list[dg.AssetCheckSpec]:
                                        description=f"Voiced ratio within {VOICED_RANGE}."))
     if feature == "speaker_embedding":
         specs.append(dg.AssetCheckSpec("unit_norm", asset=feature, blocking=True,
-                                       description="Every embedding and the mean have unit L2 norm."))
+                                       description="Every embedding and the mean have unit L2 norm (mozilla-lstm: "
+                                       "in (0, 1], means of unit vectors, as the anchor stores them)."))
     return specs
 
 
@@ -57,6 +60,8 @@ def _feature_asset(feature: str) -> dg.AssetsDefinition:
         extractor = extractors.get(feature)
         info = extractor.describe()
         label = "pretrained weights" if info["pretrained"] else "RANDOM weights (pretrained: false), not for real use"
+        if info.get("vec_backend") == "none":
+            label = "no weights: vec disabled"
         context.log.info(f"[{singer}] {feature}: {info['backend']} on {info['device']} with {label}; "
                          f"{len(segments)} segments")
         with ws.write_partition(feature, singer) as out_dir:
@@ -84,8 +89,16 @@ def _feature_asset(feature: str) -> dg.AssetsDefinition:
             checks.append(dg.AssetCheckResult(
                 check_name="voiced_ratio_plausible", passed=VOICED_RANGE[0] <= ratio <= VOICED_RANGE[1],
                 severity=dg.AssetCheckSeverity.WARN, metadata={"voiced_ratio": ratio}))
+        if feature == "vec":
+            metadata["vec_backend"] = info["vec_backend"]
+            if info["vec_backend"] == "none":
+                context.log.info(f"[{singer}] vec is disabled (features.vec.backend: none): zero-width features, "
+                                 f"for a model without the vec path (model.vec_dim: 0)")
         if feature == "speaker_embedding":
-            worst = max(abs(n - 1.0) for n in result.extra["norms"])
+            from svc_model.features.speaker import norm_error
+
+            metadata["encoder"] = info.get("encoder", info["backend"])
+            worst = norm_error(result.extra["norms"], unit=info.get("unit_norm", True))
             metadata["mean_embedding"] = dg.MetadataValue.path(str(ws.partition_dir(feature, singer) / "mean.npy"))
             checks.append(dg.AssetCheckResult(check_name="unit_norm", passed=worst <= UNIT_NORM_TOL,
                                               metadata={"max_norm_error": worst}))

@@ -89,7 +89,9 @@ def bench_convert(profile: str, device: str, seconds: float) -> str:
         "vec": cfg.features.vec.model_copy(update={"pretrained": False, "random_hidden_size": 768,
                                                     "random_layers": 12, "layer": 9})
         if profile == "base" else cfg.features.vec,
-        "ppg": cfg.features.ppg.model_copy(update={"pretrained": False}) if profile == "base" else cfg.features.ppg})
+        "ppg": cfg.features.ppg.model_copy(update={"pretrained": False}) if profile == "base" else cfg.features.ppg,
+        # base's mozilla-lstm needs best_model.pth.tar, which is not here offline: time resemblyzer instead
+        "speaker": cfg.features.speaker.model_copy(update={"backend": "resemblyzer"})})
     cfg = cfg.model_copy(update={"features": features})
     model = SVCModel(cfg.model, cfg.spectrogram.n_fft // 2 + 1).to(device).eval()
     singers = {"target": {"embedding": np.ones(256, np.float32) / 16, "median_f0": 150.0}}

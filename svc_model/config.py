@@ -79,14 +79,31 @@ class PPGConfig(_Strict):
     download_root: str = Field("models/whisper", description="where whisper.load_model looks; relative to the workspace")
     compute_type: str = Field("int8", description="ctranslate2 compute type on the CPU")
     batch_size: int = Field(8, gt=0)
+    drop_last_fraction: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "whisper backend: delete the last floor(n_blocks * fraction) encoder blocks (their weights are never "
+        "loaded), then ln_post. whisper-vits-svc's PPG is 0.25 (keeps 24 of large-v2's 32); 0 = the full encoder"))
+    piece_s: float = Field(15.0, gt=0.0, le=30.0, description=(
+        "each segment is encoded in pieces of at most this many seconds, concatenated (whisper-vits-svc: 15); "
+        "Whisper's context is 30 s"))
+    mel_noise_std: float = Field(0.0, ge=0.0, description=(
+        "whisper backend: Gaussian noise added to the log-mel before the encoder. whisper-vits-svc adds 0.1 at "
+        "inference; off by default so that the same audio always gives the same PPG. When on, the noise is "
+        "seeded by the piece's index, so it is still deterministic"))
 
 
 class VecConfig(_Strict):
-    """HuBERT hidden states at 50 frames/s."""
+    """Content features at 50 frames/s: a HuBERT hidden state, or HuBERT-Soft units (whisper-vits-svc's vec)."""
 
+    backend: Literal["transformers", "hubert-soft", "none"] = Field(
+        "transformers", description="transformers: hidden state `layer` of HubertModel `model`; hubert-soft: "
+        "HuBERT-Soft's 256-d units() from `soft_weights`, as whisper-vits-svc (ignores model, layer, random_*); "
+        "none: no vec (zero-width features) for a model with vec_dim 0")
     model: str = Field("facebook/hubert-base-ls960", description="hub id or a local folder (from_pretrained)")
+    soft_weights: str = Field("models/hubert/hubert-soft-0d54a1f4.pt",
+                              description="hubert-soft: the published state dict; relative to the workspace")
     layer: int = Field(9, ge=0, description="hidden-state layer (0 = after the feature projection)")
-    pretrained: bool = Field(True, description="false: a small seeded random HuBERT (tests, offline demo)")
+    pretrained: bool = Field(True, description="false: seeded random weights (a small HuBERT for transformers, "
+                             "the full architecture for hubert-soft; tests, offline demo)")
     cache_dir: str = Field("models/huggingface", description="relative to the workspace")
     random_hidden_size: int = Field(128, gt=0, description="hidden size of the random model")
     random_layers: int = Field(2, gt=0, description="transformer layers of the random model")
@@ -95,10 +112,15 @@ class VecConfig(_Strict):
 
 
 class SpeakerConfig(_Strict):
-    """Resemblyzer d-vectors (256-d, unit norm)."""
+    """256-d d-vectors: resemblyzer (unit norm, weights in the package) or ``mozilla-lstm``, the Mozilla TTS LSTM
+    speaker encoder that whisper-vits-svc's pretrained model was trained on (weights file: ``lstm_weights``)."""
 
-    backend: Literal["resemblyzer"] = "resemblyzer"
+    backend: Literal["resemblyzer", "mozilla-lstm"] = "resemblyzer"
     batch_partials: int = Field(64, gt=0, description="1.6 s partial windows per forward pass, across segments")
+    lstm_weights: str = Field("models/speaker/best_model.pth.tar",
+                              description="mozilla-lstm: whisper-vits-svc's speaker_pretrain/best_model.pth.tar; "
+                              "relative to the workspace")
+    lstm_batch_windows: int = Field(64, gt=0, description="mozilla-lstm: 250-frame windows per forward pass")
 
 
 class FeaturesConfig(_Strict):
@@ -122,12 +144,13 @@ class SpectrogramConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """Sizes of the VITS-style model. Defaults are the seed's scale (configs/base.yaml)."""
+    """Sizes of whisper-vits-svc's ``SynthesizerTrn``. Defaults are the anchor's (configs/base.yaml); the tiny
+    profile is the same modules at small widths."""
 
     ppg_dim: int = Field(1280, gt=0, description="must match the PPG features (Whisper width)")
-    vec_dim: int = Field(768, gt=0, description="must match the vec features (HuBERT width)")
-    spk_dim: int = Field(256, gt=0, description="speaker embedding size (resemblyzer: 256)")
-    gin_channels: int = Field(256, gt=0, description="speaker conditioning width")
+    vec_dim: int = Field(256, ge=0, description="must match the vec features (hubert-soft: 256); 0 = no vec path")
+    spk_dim: int = Field(256, gt=0, description="speaker embedding size (256 for both speaker encoders)")
+    gin_channels: int = Field(256, gt=0, description="speaker conditioning width of the posterior encoder")
     hidden_channels: int = Field(192, gt=0)
     inter_channels: int = Field(192, gt=0, description="latent z channels")
     filter_channels: int = Field(640, gt=0)
@@ -144,28 +167,41 @@ class ModelConfig(_Strict):
     upsample_initial_channel: int = Field(320, gt=0)
     resblock_kernel_sizes: list[int] = [3, 7, 11]
     resblock_dilation_sizes: list[list[int]] = [[1, 3, 5], [1, 3, 5], [1, 3, 5]]
-    n_harmonics: int = Field(8, ge=0)
-    pitch_bins: int = Field(256, gt=2)
+    ppg_noise: float = Field(1.0, ge=0, description="std of the Gaussian noise added to the PPG in training")
+    vec_noise: float = Field(2.0, ge=0, description="std of the Gaussian noise added to vec in training")
     mpd_periods: list[int] = [2, 3, 5, 7, 11]
-    mrd_resolutions: list[list[int]] = [[1024, 120, 600], [2048, 240, 1200], [512, 50, 240]]
-    disc_channels: int = Field(32, gt=0)
+    mrd_resolutions: list[list[int]] = [[1024, 120, 600], [2048, 240, 1200], [4096, 480, 2400], [512, 50, 240]]
+    mpd_channels: int = Field(64, gt=0, description="first width of each period discriminator (x2 per layer)")
+    mrd_channels: int = Field(32, gt=0, description="width of each resolution discriminator")
+    msd_channels: int = Field(16, ge=4, description="first width of the scale discriminator (x4 per layer)")
 
     @model_validator(mode="after")
     def _shapes(self) -> "ModelConfig":
+        import math
+
         if len(self.upsample_rates) != len(self.upsample_kernel_sizes):
             raise ValueError("upsample_rates and upsample_kernel_sizes must have the same length")
         for rate, kernel in zip(self.upsample_rates, self.upsample_kernel_sizes):
             if kernel < rate or (kernel - rate) % 2:
                 raise ValueError(f"upsample kernel {kernel} must be >= rate {rate} with an even difference")
+        for i in range(len(self.upsample_rates) - 1):
+            stride = math.prod(self.upsample_rates[i + 1 :])
+            if stride > 1 and stride % 2:  # the source convolution's output must match the stage's length
+                raise ValueError(f"upsample_rates after stage {i} multiply to {stride}; it must be even")
         if self.upsample_initial_channel % 2 ** len(self.upsample_rates):
             raise ValueError("upsample_initial_channel must halve cleanly at every upsampling stage")
+        if len(self.resblock_kernel_sizes) != len(self.resblock_dilation_sizes):
+            raise ValueError("resblock_kernel_sizes and resblock_dilation_sizes must have the same length")
         if self.hidden_channels % self.n_heads:
             raise ValueError("hidden_channels must be divisible by n_heads")
+        if self.inter_channels % 2:
+            raise ValueError("inter_channels must be even (the flow splits it in halves)")
         return self
 
 
 class LossWeights(_Strict):
-    """The seed's weights: mel 1, STFT 9, KL 0.2 forward and 0.1 reverse, feature matching 2, speaker 2."""
+    """The seed's weights: mel 1, STFT 9, KL 0.2 forward and 0.1 reverse, feature matching 2 (on the mean over
+    discriminators), speaker 2 (the gradient-reversal classifier's cosine embedding loss)."""
 
     mel: float = Field(1.0, ge=0)
     stft: float = Field(9.0, ge=0)
@@ -174,19 +210,26 @@ class LossWeights(_Strict):
     adversarial: float = Field(1.0, ge=0)
     feature_matching: float = Field(2.0, ge=0)
     speaker: float = Field(2.0, ge=0)
+    output_similarity: float = Field(0.0, ge=0, description="optional: 1 - cos between the output's resemblyzer "
+                                     "embedding and the target's; off by default (evaluation scores with the "
+                                     "same encoder, so its similarity figure is then flagged)")
 
 
 class TrainConfig(_Strict):
-    learning_rate: float = Field(2e-4, gt=0)
+    learning_rate: float = Field(2e-4, gt=0, description="from scratch")
+    fine_tune_learning_rate: float = Field(5e-5, gt=0, description="from a pretrained or production model "
+                                           "(the anchor's 5e-5)")
     betas: tuple[float, float] = (0.8, 0.99)
     eps: float = Field(1e-9, gt=0)
-    lr_decay: float = Field(0.999875, gt=0, le=1, description="exponential decay per step")
+    lr_decay: float = Field(0.999875, gt=0, le=1, description="exponential decay per epoch (a pass over the "
+                            "training segments), as the anchor's")
     batch_size: int = Field(8, gt=0)
     segment_size: int = Field(8000, gt=0, description="samples at the model rate that the decoder generates")
     max_frames: int = Field(400, gt=0, description="frames (10 ms) per loaded window that the encoders see")
     steps: int = Field(100000, gt=0)
     grad_clip: float = Field(100.0, gt=0, description="max gradient norm, generator and discriminator")
-    fp16: bool = Field(True, description="mixed precision on CUDA (ignored on the CPU)")
+    fp16: bool = Field(True, description="mixed precision on CUDA: bf16 where supported, else fp16 with a "
+                       "gradient scaler (ignored on the CPU)")
     seed: int = 1234
     deterministic: bool = Field(False, description="deterministic algorithms and a single data worker")
     num_workers: int = Field(0, ge=0)

@@ -17,7 +17,8 @@ import torch
 from svc_model.audio import read_wav
 from svc_model.features.base import fit_frames
 
-MANIFEST_COLUMNS = ["segment_id", "singer", "split", "audio", "pitch", "ppg", "vec", "speaker", "duration_s"]
+MANIFEST_COLUMNS = ["segment_id", "singer", "split", "audio", "pitch", "ppg", "vec", "speaker", "duration_s",
+                    "speaker_encoder"]
 
 
 def split_for(segment_id: str, valid_fraction: float) -> str:
@@ -39,6 +40,9 @@ def join_singer(singer: str, clean_dir: Path, feature_dirs: dict[str, Path], val
         if missing:
             raise ValueError(f"{feature_dirs[feature]}: {feature} is missing segments {missing[:3]}; rebuild it")
         rows[column] = [str(feature_dirs[feature] / manifest.loc[s, "path"]) for s in rows["segment_id"]]
+        if feature == "speaker_embedding":  # which encoder's space the embeddings live in (older stores: unknown)
+            encoders = manifest["encoder"] if "encoder" in manifest else pd.Series("", index=manifest.index)
+            rows["speaker_encoder"] = [str(encoders.loc[s]) for s in rows["segment_id"]]
     rows["split"] = [split_for(s, valid_fraction) for s in rows["segment_id"]]
     return rows[MANIFEST_COLUMNS]
 
@@ -48,16 +52,18 @@ class Item:
     audio: np.ndarray  # (frames * hop,)
     f0: np.ndarray  # (frames,)
     ppg: np.ndarray  # (frames, ppg_dim)  (50 Hz repeated x2)
-    vec: np.ndarray  # (frames, vec_dim)
+    vec: np.ndarray | None  # (frames, vec_dim); None for a model without the vec path
     speaker: np.ndarray  # (spk_dim,)
 
 
 class SegmentDataset(torch.utils.data.Dataset):
-    """Loads a segment and crops a random window of at most ``max_frames``, aligned across every stream."""
+    """Loads a segment and crops a random window of at most ``max_frames``, aligned across every stream.
+    ``use_vec=False`` (a model without the vec path) never reads the vec files."""
 
-    def __init__(self, manifest: pd.DataFrame, hop: int, max_frames: int, root: Path | None = None):
+    def __init__(self, manifest: pd.DataFrame, hop: int, max_frames: int, root: Path | None = None,
+                 use_vec: bool = True):
         self.rows = manifest.reset_index(drop=True)
-        self.hop, self.max_frames, self.root = hop, max_frames, root
+        self.hop, self.max_frames, self.root, self.use_vec = hop, max_frames, root, use_vec
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -71,14 +77,14 @@ class SegmentDataset(torch.utils.data.Dataset):
         frames = len(audio) // self.hop
         pitch = fit_frames(np.load(self._path(row["pitch"])), frames)
         ppg = fit_frames(np.repeat(np.load(self._path(row["ppg"])), 2, axis=0), frames)
-        vec = fit_frames(np.repeat(np.load(self._path(row["vec"])), 2, axis=0), frames)
+        vec = fit_frames(np.repeat(np.load(self._path(row["vec"])), 2, axis=0), frames) if self.use_vec else None
         start = 0
         if crop_seed is not None and frames > self.max_frames:
             start = int(np.random.default_rng(crop_seed).integers(0, frames - self.max_frames + 1))
         stop = min(frames, start + self.max_frames)
         return Item(audio=audio[start * self.hop : stop * self.hop].astype(np.float32),
                     f0=pitch[start:stop, 0].astype(np.float32), ppg=ppg[start:stop].astype(np.float32),
-                    vec=vec[start:stop].astype(np.float32),
+                    vec=vec[start:stop].astype(np.float32) if vec is not None else None,
                     speaker=np.load(self._path(row["speaker"])).astype(np.float32))
 
     def __getitem__(self, key):
@@ -95,7 +101,7 @@ def collate(items: list[Item], min_frames: int = 1) -> dict[str, torch.Tensor]:
         "audio": torch.zeros(len(items), frames * hop),
         "f0": torch.zeros(len(items), frames),
         "ppg": torch.zeros(len(items), items[0].ppg.shape[1], frames),
-        "vec": torch.zeros(len(items), items[0].vec.shape[1], frames),
+        "vec": torch.zeros(len(items), items[0].vec.shape[1], frames) if items[0].vec is not None else None,
         "speaker": torch.from_numpy(np.stack([it.speaker for it in items])),
         "lengths": torch.tensor(lengths, dtype=torch.long),
     }
@@ -104,7 +110,8 @@ def collate(items: list[Item], min_frames: int = 1) -> dict[str, torch.Tensor]:
         batch["audio"][i, : n * hop] = torch.from_numpy(it.audio[: n * hop])
         batch["f0"][i, :n] = torch.from_numpy(it.f0)
         batch["ppg"][i, :, :n] = torch.from_numpy(it.ppg.T)
-        batch["vec"][i, :, :n] = torch.from_numpy(it.vec.T)
+        if it.vec is not None:
+            batch["vec"][i, :, :n] = torch.from_numpy(it.vec.T)
     return batch
 
 

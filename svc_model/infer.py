@@ -3,6 +3,11 @@
 ``convert(source, target, pitch_shift=0 | "auto")`` where the target is a singer name, a reference recording
 (embedded on the fly: "sound like me"), or a blend ``{singer: weight}``. Long input is cut at silences, each
 piece is converted with a little context on both sides, and the pieces are crossfaded back. Output: 32 kHz.
+
+The decoder's harmonic source is built once for the whole track and sliced per piece, so the sine phase runs on
+across the cuts. ``deterministic=True`` (tests, A/B listening) uses the prior's mean, overtones at phase 0 and no
+source noise; otherwise the source's noise and phases come from a generator seeded by ``seed``, so the same call
+gives the same audio.
 """
 from __future__ import annotations
 
@@ -76,20 +81,22 @@ class Converter:
     """A trained model plus its feature extractors and singer table; load once, convert many times."""
 
     def __init__(self, model, cfg: SVCConfig, singers: Mapping[str, Mapping], device: str = "cpu",
-                 extractors: Mapping | None = None, root: Path | None = None):
+                 extractors: Mapping | None = None, root: Path | None = None, speaker_encoder: str = ""):
         self.model, self.cfg, self.device = model, cfg, device
+        self.speaker_encoder = speaker_encoder  # the encoder whose embeddings the model was trained on
         self.singers = {name: ResolvedTarget(name, np.asarray(info["embedding"], np.float32),
                                              float(info.get("median_f0", 0.0)))
                         for name, info in singers.items()}
         self._extractors = dict(extractors or {})
-        self._root = root
+        self._root = Path(root) if root is not None else None
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu", root: Path | None = None) -> "Converter":
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu", root: str | Path | None = None) -> "Converter":
         from svc_model.train import load_model
 
         model, cfg, ckpt = load_model(path, device)
-        return cls(model, cfg, ckpt.get("singers") or {}, device=device, root=root)
+        return cls(model, cfg, ckpt.get("singers") or {}, device=device, root=Path(root) if root is not None else None,
+                   speaker_encoder=ckpt.get("speaker_encoder") or "")
 
     def extractor(self, feature: str):
         if feature not in self._extractors:
@@ -129,8 +136,13 @@ class Converter:
         return ResolvedTarget(name, (mixed / np.linalg.norm(mixed)).astype(np.float32), median)
 
     def _reference(self, path: Path) -> ResolvedTarget:
+        from svc_model.train import check_speaker_encoder
+
+        encoder = self.extractor("speaker_embedding")
+        check_speaker_encoder(self.speaker_encoder, getattr(encoder, "encoder_id", ""), "the model",
+                              f"the reference {path.name} (embedded with features.speaker)")
         audio16 = self._load(path, 16000)
-        embedding = self.extractor("speaker_embedding").extract(audio16)
+        embedding = encoder.extract(audio16)
         pitch = self.extractor("pitch").extract(audio16)
         voiced = pitch[pitch[:, 1] > 0, 0]
         return ResolvedTarget(path.name, embedding, float(np.median(voiced)) if len(voiced) else 0.0)
@@ -156,7 +168,7 @@ class Converter:
         return resample(audio, source_sr, sr)
 
     def convert(self, source, target: Target, pitch_shift: float | str = 0, *, source_sr: int | None = None,
-                noise_scale: float = 0.0, max_chunk_s: float = 15.0,
+                noise_scale: float = 0.0, max_chunk_s: float = 15.0, deterministic: bool = False, seed: int = 0,
                 progress: Callable[[int, int], None] | None = None) -> ConversionResult:
         import time
 
@@ -187,6 +199,13 @@ class Converter:
         weight = np.zeros(len(audio), np.float64)
         out_f0 = np.zeros(len(audio) // hop, np.float32)
         speaker = torch.from_numpy(resolved.embedding)[None].to(self.device)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        frames_all = len(audio) // hop
+        f0_all = np.pad(pitch_all[:frames_all, 0], (0, max(0, frames_all - len(pitch_all)))) * factor
+        with torch.no_grad():  # one source for the whole track: no phase restart at the cuts
+            source_all = self.model.decoder.source(torch.from_numpy(f0_all.astype(np.float32))[None].to(self.device),
+                                                   deterministic=deterministic, generator=generator)
+        use_vec = self.cfg.model.vec_dim > 0
         for i, (start, end) in enumerate(pieces):
             lo = max(0, start - context) if i > 0 else 0
             hi = min(len(audio), end + context) if i < len(pieces) - 1 else len(audio)
@@ -195,18 +214,22 @@ class Converter:
             frames = len(piece16) // 160
             if frames < 2:
                 continue
-            f0 = pitch_all[lo // hop : lo // hop + frames, 0]
-            f0 = np.pad(f0, (0, frames - len(f0))) * factor
-            ppg = self.extractor("ppg").extract(piece16)
-            vec = self.extractor("vec").extract(piece16)
-            ppg = fit_frames(np.repeat(ppg, 2, axis=0), frames)
-            vec = fit_frames(np.repeat(vec, 2, axis=0), frames)
+            f0 = f0_all[lo // hop : lo // hop + frames]
+            f0 = np.pad(f0, (0, frames - len(f0)))
+            source = source_all[..., lo : lo + frames * hop]
+            if source.shape[-1] < frames * hop:
+                source = torch.nn.functional.pad(source, (0, frames * hop - source.shape[-1]))
+            ppg = fit_frames(np.repeat(self.extractor("ppg").extract(piece16), 2, axis=0), frames)
+            vec = None
+            if use_vec:
+                vec = fit_frames(np.repeat(self.extractor("vec").extract(piece16), 2, axis=0), frames)
+                vec = torch.from_numpy(vec.T.copy())[None].float().to(self.device)
             with torch.no_grad():
                 y = self.model.infer(
-                    torch.from_numpy(ppg.T.copy())[None].float().to(self.device),
-                    torch.from_numpy(vec.T.copy())[None].float().to(self.device),
+                    torch.from_numpy(ppg.T.copy())[None].float().to(self.device), vec,
                     torch.from_numpy(f0.astype(np.float32))[None].to(self.device),
-                    speaker, noise_scale=noise_scale)[0, 0].float().cpu().numpy()
+                    speaker, noise_scale=0.0 if deterministic else noise_scale, source=source,
+                    generator=generator)[0, 0].float().cpu().numpy()
             y = y[: hi - lo]
             w = np.ones(len(y))
             ramp = 2 * context

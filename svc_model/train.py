@@ -34,7 +34,6 @@ from svc_model.model.losses import (
 )
 from svc_model.model.modules import slice_segments
 from svc_model.model.spectral import LinearSpectrogram, LogMelSpectrogram
-from svc_model.model.speaker import SpeakerEmbedder
 
 CHECKPOINT_GLOB = "step-*.pt"
 
@@ -139,29 +138,36 @@ class Trainer:
         self.valid_rows = manifest[manifest["split"] == "valid"].reset_index(drop=True)
         if self.train_rows.empty:
             raise ValueError("the training manifest has no 'train' rows")
-        self.singers = singer_table(manifest)
+        self.speaker_encoder = manifest_speaker_encoder(manifest)
+        self.singers = singer_table(manifest, self.speaker_encoder)
         hop = cfg.spectrogram.hop
         self.segment_frames = t.segment_size // hop
-        self.dataset = SegmentDataset(self.train_rows, hop, t.max_frames)
+        self.dataset = SegmentDataset(self.train_rows, hop, t.max_frames, use_vec=cfg.model.vec_dim > 0)
 
         spec_channels = cfg.spectrogram.n_fft // 2 + 1
         self.generator = SVCModel(cfg.model, spec_channels, cfg.audio.sample_rate).to(self.device)
-        self.discriminator = Discriminator(cfg.model.mpd_periods, cfg.model.mrd_resolutions,
-                                           cfg.model.disc_channels).to(self.device)
+        m = cfg.model
+        self.discriminator = Discriminator(m.mpd_periods, m.mrd_resolutions, m.mpd_channels, m.mrd_channels,
+                                           m.msd_channels).to(self.device)
         s = cfg.spectrogram
         self.linear_spec = LinearSpectrogram(s.n_fft, s.hop, s.win).to(self.device)
         self.mel = LogMelSpectrogram(cfg.audio.sample_rate, s.n_fft, s.hop, s.win, s.n_mels, s.fmin, s.fmax).to(self.device)
         self.stft_loss = MultiResolutionSTFTLoss(cfg.model.mrd_resolutions).to(self.device)
-        self.speaker_embedder = SpeakerEmbedder(cfg.audio.sample_rate).to(self.device)
+        self.speaker_embedder = None
+        if t.loss_weights.output_similarity > 0:  # optional; resemblyzer is a heavy import
+            from svc_model.model.speaker import SpeakerEmbedder
+
+            self.speaker_embedder = SpeakerEmbedder(cfg.audio.sample_rate).to(self.device)
         opt = dict(lr=t.learning_rate, betas=tuple(t.betas), eps=t.eps)
         self.optim_g = torch.optim.AdamW(self.generator.parameters(), **opt)
         self.optim_d = torch.optim.AdamW(self.discriminator.parameters(), **opt)
-        self.sched_g = torch.optim.lr_scheduler.ExponentialLR(self.optim_g, t.lr_decay)
-        self.sched_d = torch.optim.lr_scheduler.ExponentialLR(self.optim_d, t.lr_decay)
+        # bf16 where the GPU has it (no loss scaling needed), else fp16 with a scaler; full precision on the CPU.
         self.amp = t.fp16 and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.amp_dtype = torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
         self.step = 0
         self.init_from = None
+        self.base_lr = t.learning_rate
         latest = latest_checkpoint(self.out_dir) if resume else None
         if latest is not None:
             self._restore(latest)
@@ -169,7 +175,8 @@ class Trainer:
             log(f"resumed from {latest} at step {self.step}")
         elif init_from is not None:
             self._init_weights(Path(init_from))
-            log(f"fine-tuning from {init_from}")
+            self.base_lr = t.fine_tune_learning_rate
+            log(f"fine-tuning from {init_from} at learning rate {self.base_lr:g}")
         self.writer = None
         if tensorboard and self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
@@ -182,8 +189,10 @@ class Trainer:
         if missing:
             raise ValueError(f"training manifest lacks columns {sorted(missing)}")
         row = manifest.iloc[0]
-        for column, expected, name in (("ppg", self.cfg.model.ppg_dim, "model.ppg_dim"),
-                                       ("vec", self.cfg.model.vec_dim, "model.vec_dim")):
+        checks = [("ppg", self.cfg.model.ppg_dim, "model.ppg_dim")]
+        if self.cfg.model.vec_dim:  # a model without the vec path never reads vec
+            checks.append(("vec", self.cfg.model.vec_dim, "model.vec_dim"))
+        for column, expected, name in checks:
             dim = np.load(row[column], mmap_mode="r").shape[-1]
             if dim != expected:
                 raise ValueError(f"{row[column]}: {column} features are {dim}-d but {name} is {expected}; "
@@ -196,11 +205,12 @@ class Trainer:
             "generator": self.generator.state_dict(),
             "discriminator": self.discriminator.state_dict(),
             "optim_g": self.optim_g.state_dict(), "optim_d": self.optim_d.state_dict(),
-            "sched_g": self.sched_g.state_dict(), "sched_d": self.sched_d.state_dict(),
+            "base_lr": self.base_lr,
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
             "init_from": str(self.init_from) if self.init_from else None,
             "singers": self.singers,
+            "speaker_encoder": self.speaker_encoder,
         }
 
     def _restore(self, path: Path) -> None:
@@ -209,8 +219,7 @@ class Trainer:
         self.discriminator.load_state_dict(ckpt["discriminator"])
         self.optim_g.load_state_dict(ckpt["optim_g"])
         self.optim_d.load_state_dict(ckpt["optim_d"])
-        self.sched_g.load_state_dict(ckpt["sched_g"])
-        self.sched_d.load_state_dict(ckpt["sched_d"])
+        self.base_lr = float(ckpt.get("base_lr", self.cfg.train.learning_rate))
         self.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
         self.step = int(ckpt["step"])
@@ -221,6 +230,8 @@ class Trainer:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: base checkpoint for fine-tuning not found")
         ckpt = torch.load(path, map_location=self.device, weights_only=False)
+        check_speaker_encoder(ckpt.get("speaker_encoder"), self.speaker_encoder, f"{path}: base model",
+                              "this training set")
         try:
             self.generator.load_state_dict(ckpt["generator"])
             if "discriminator" in ckpt:
@@ -251,32 +262,47 @@ class Trainer:
 
     # ---- one step --------------------------------------------------------------------------------------------
     def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return {k: (v.to(self.device, non_blocking=True) if v is not None else None) for k, v in batch.items()}
 
-    def train_step(self, batch: dict) -> dict[str, float]:
+    def epoch(self, step: int | None = None) -> int:
+        """Passes over the training segments completed before ``step`` (all ranks' batches count)."""
+        step = self.step if step is None else step
+        return step * self.cfg.train.batch_size * self.world_size // len(self.dataset)
+
+    def learning_rate(self, step: int | None = None) -> float:
+        """The anchor's schedule: ``lr * lr_decay ** epoch``, a pure function of the step (nothing to restore)."""
+        return self.base_lr * self.cfg.train.lr_decay ** self.epoch(step)
+
+    def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """One generator + discriminator update. Returns detached 0-d tensors (on the device: reading them is
+        the caller's choice, so a GPU step does not wait for the host)."""
         w, t = self.cfg.train.loss_weights, self.cfg.train
         hop = self.cfg.spectrogram.hop
         batch = self._to_device(batch)
+        lr = self.learning_rate()
+        for optim in (self.optim_g, self.optim_d):
+            for group in optim.param_groups:
+                group["lr"] = lr
         self.generator.train()
         self.discriminator.train()
-        with torch.autocast(self.device.type, enabled=self.amp):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             spec = self.linear_spec(batch["audio"])
             out = self.generator(batch["ppg"], batch["vec"], batch["f0"], spec, batch["speaker"], batch["lengths"],
                                  self.segment_frames)
             y = slice_segments(batch["audio"].unsqueeze(1), out.slice_starts * hop, self.segment_frames * hop)
             y_hat = out.audio
 
-            # Discriminator: real to 1, generated to 0.
+            # Discriminator: real to 1, generated to 0 (averaged over the sub-discriminators, as the anchor).
             real = self.discriminator(y)
             fake = self.discriminator(y_hat.detach())
-            loss_d = discriminator_loss([s for s, _ in real], [s for s, _ in fake])
+            loss_d = discriminator_loss([s for _, s in real], [s for _, s in fake])
         self.optim_d.zero_grad(set_to_none=True)
         self.scaler.scale(loss_d).backward()
         self.scaler.unscale_(self.optim_d)
         grad_d = torch.nn.utils.clip_grad_norm_(self.discriminator.parameters(), t.grad_clip)
         self.scaler.step(self.optim_d)
 
-        with torch.autocast(self.device.type, enabled=self.amp):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             real = self.discriminator(y)
             fake = self.discriminator(y_hat)
             losses = {
@@ -286,25 +312,27 @@ class Trainer:
             losses["stft"] = sc + mag
             losses["kl_forward"] = kl_forward(out.z_p, out.logs_q, out.m_p, out.logs_p, out.mask, out.logdet_forward)
             losses["kl_reverse"] = kl_reverse(out.z_q, out.logs_p, out.m_q, out.logs_q, out.mask, out.logdet_reverse)
-            losses["adversarial"] = generator_adversarial_loss([s for s, _ in fake])
-            losses["feature_matching"] = feature_matching_loss([f for _, f in real], [f for _, f in fake])
-            losses["speaker"] = speaker_loss(self.speaker_embedder(y_hat), batch["speaker"])
+            losses["adversarial"] = generator_adversarial_loss([s for _, s in fake])
+            losses["feature_matching"] = feature_matching_loss([f for f, _ in real], [f for f, _ in fake])
+            # The classifier learns to name the speaker; the reversed gradient strips timbre from the prior.
+            losses["speaker"] = speaker_loss(out.speaker_pred, batch["speaker"])
             total = (w.mel * losses["mel"] + w.stft * losses["stft"] + w.kl_forward * losses["kl_forward"]
                      + w.kl_reverse * losses["kl_reverse"] + w.adversarial * losses["adversarial"]
                      + w.feature_matching * losses["feature_matching"] + w.speaker * losses["speaker"])
+            if self.speaker_embedder is not None:
+                losses["output_similarity"] = speaker_loss(self.speaker_embedder(y_hat), batch["speaker"])
+                total = total + w.output_similarity * losses["output_similarity"]
         self.optim_g.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         self.scaler.unscale_(self.optim_g)
         grad_g = torch.nn.utils.clip_grad_norm_(self.generator.parameters(), t.grad_clip)
         self.scaler.step(self.optim_g)
         self.scaler.update()
-        lr = self.optim_g.param_groups[0]["lr"]
-        self.sched_g.step()
-        self.sched_d.step()
         self.step += 1
-        result = {k: float(v.detach()) for k, v in losses.items()}
-        result.update(generator_total=float(total.detach()), discriminator=float(loss_d.detach()),
-                      grad_norm_g=float(grad_g), grad_norm_d=float(grad_d), lr=lr)
+        result = {k: v.detach().float() for k, v in losses.items()}
+        result.update(generator_total=total.detach().float(), discriminator=loss_d.detach().float(),
+                      grad_norm_g=grad_g.detach().float(), grad_norm_d=grad_d.detach().float(),
+                      lr=torch.tensor(lr))
         return result
 
     # ---- validation ------------------------------------------------------------------------------------------
@@ -312,7 +340,8 @@ class Trainer:
     def validate(self, max_items: int = 4) -> tuple[dict[str, float], list[dict]]:
         """Reconstruct held-out segments through the prior (as conversion does, same speaker): mel L1 and audio."""
         rows = self.valid_rows if not self.valid_rows.empty else self.train_rows
-        dataset = SegmentDataset(rows.head(max_items), self.cfg.spectrogram.hop, max_frames=1500)
+        dataset = SegmentDataset(rows.head(max_items), self.cfg.spectrogram.hop, max_frames=1500,
+                                 use_vec=self.cfg.model.vec_dim > 0)
         self.generator.eval()
         # Fixed noise for comparable figures, and the training RNG left exactly as it was.
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
@@ -363,28 +392,47 @@ class Trainer:
         result = TrainResult(step=self.step, checkpoint=None)
         started = time.perf_counter()
         last = None
-        for batch in loader:
-            losses = self.train_step(batch)
-            result.history.append({"step": self.step, **losses})
+        pending: list[tuple[int, dict[str, torch.Tensor]]] = []
+
+        def flush() -> None:
+            """Read the buffered losses in one device->host copy, then log them: the only host sync of a step."""
+            if not pending:
+                return
+            names = list(pending[0][1])
+            values = torch.stack([torch.stack([v[n] for n in names]) for _, v in pending]).cpu().tolist()
+            lines = []
+            for (step, _), row in zip(pending, values):
+                losses = dict(zip(names, row))
+                result.history.append({"step": step, **losses})
+                lines.append(json.dumps({"step": step, **losses}) + "\n")
+                if self.writer is not None:
+                    for k, v in losses.items():
+                        self.writer.add_scalar(f"train/{k}", v, step)
+                for cb in self.callbacks:
+                    cb.on_step(step, losses)
             if self.rank == 0:
                 with (self.out_dir / "history.jsonl").open("a") as fh:
-                    fh.write(json.dumps({"step": self.step, **losses}) + "\n")
-            if self.writer is not None:
-                for k, v in losses.items():
-                    self.writer.add_scalar(f"train/{k}", v, self.step)
-            for cb in self.callbacks:
-                cb.on_step(self.step, losses)
+                    fh.writelines(lines)
+            pending.clear()
+            rate = (time.perf_counter() - started) / max(1, len(result.history))
+            self.log(f"step {step}/{target}  mel {losses['mel']:.3f}  stft {losses['stft']:.3f}  "
+                     f"kl {losses['kl_forward']:.3f}/{losses['kl_reverse']:.3f}  spk {losses['speaker']:.3f}  "
+                     f"adv {losses['adversarial']:.3f}  d {losses['discriminator']:.3f}  lr {losses['lr']:.2e}  "
+                     f"({rate:.2f} s/step)")
+
+        for batch in loader:
+            pending.append((self.step + 1, self.train_step(batch)))
             if self.step % t.log_every == 0 or self.step == target:
-                rate = (time.perf_counter() - started) / max(1, len(result.history))
-                self.log(f"step {self.step}/{target}  mel {losses['mel']:.3f}  stft {losses['stft']:.3f}  "
-                         f"kl {losses['kl_forward']:.3f}/{losses['kl_reverse']:.3f}  spk {losses['speaker']:.3f}  "
-                         f"adv {losses['adversarial']:.3f}  d {losses['discriminator']:.3f}  ({rate:.2f} s/step)")
+                flush()
             if self.step % t.validate_every == 0:
+                flush()
                 metrics, samples = self.validate()
                 result.validation = metrics
                 self._log_validation(metrics, samples)
             if self.step % t.checkpoint_every == 0:
+                flush()
                 last = self.save_checkpoint()
+        flush()
         if result.history and self.step % t.validate_every != 0:  # always end with a validation
             metrics, samples = self.validate()
             result.validation = metrics
@@ -404,13 +452,47 @@ class Trainer:
             self.writer.close()
 
 
-def singer_table(manifest: pd.DataFrame) -> dict[str, dict]:
-    """Per singer: the mean speaker embedding (unit norm) and the median voiced f0, for conversion targets."""
+def manifest_speaker_encoder(manifest: pd.DataFrame) -> str:
+    """The one speaker encoder whose embeddings a training manifest holds ("" if the store predates the record).
+    Two encoders' embeddings live in different spaces: a manifest that mixes them is refused."""
+    if "speaker_encoder" not in manifest:
+        return ""
+    found = sorted({str(e) for e in manifest["speaker_encoder"].fillna("")})
+    if len(found) > 1:
+        per = manifest.groupby("speaker_encoder")["singer"].unique().to_dict()
+        raise ValueError(f"the training set mixes speaker encoders {per}; rebuild speaker_embedding for every "
+                         f"singer with one features.speaker setting")
+    return found[0] if found else ""
+
+
+def same_speaker_encoder(a: str | None, b: str | None) -> bool:
+    """Equal encoder ids; an id without a weights hash (``mozilla-lstm`` from an import) matches any hash of the
+    same backend, and an unknown ("" or None, from older files) matches anything."""
+    if not a or not b:
+        return True
+    if a == b:
+        return True
+    return (":" not in a or ":" not in b) and a.split(":")[0] == b.split(":")[0]
+
+
+def check_speaker_encoder(model_encoder: str | None, data_encoder: str | None, model_what: str,
+                          data_what: str) -> None:
+    """A model is never fed embeddings from another encoder's space: raise naming both."""
+    if not same_speaker_encoder(model_encoder, data_encoder):
+        raise ValueError(f"{model_what} was trained on speaker embeddings from {model_encoder!r}, but "
+                         f"{data_what} uses {data_encoder!r}; set features.speaker to the model's encoder (and "
+                         f"rebuild speaker_embedding), or use a model trained with {data_encoder!r}")
+
+
+def singer_table(manifest: pd.DataFrame, speaker_encoder: str = "") -> dict[str, dict]:
+    """Per singer: the mean speaker embedding and the median voiced f0, for conversion targets. The mean is
+    renormalized for unit-norm encoders (resemblyzer) and kept plain for ``mozilla-lstm``, as the anchor does."""
     from svc_model.features.speaker import mean_embedding
 
+    normalize = not speaker_encoder.startswith("mozilla-lstm")
     table = {}
     for singer, rows in manifest.groupby("singer"):
-        embedding = mean_embedding(np.stack([np.load(p) for p in rows["speaker"]]))
+        embedding = mean_embedding(np.stack([np.load(p) for p in rows["speaker"]]), normalize=normalize)
         f0 = np.concatenate([np.load(p)[:, 0] for p in rows["pitch"]])
         voiced = f0[f0 > 0]
         table[str(singer)] = {"embedding": embedding.tolist(),

@@ -76,7 +76,9 @@ def _noise(seconds: float, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def random_whisper():
-    cfg = FeaturesConfig(device="cpu", ppg=PPGConfig(backend="whisper", model="tiny", pretrained=False))
+    # piece_s 30: one pass up to Whisper's full context, so that a 30 s clip compares with Whisper's own forward
+    # (the anchor's 15 s pieces are checked in test_ppg_anchor.py).
+    cfg = FeaturesConfig(device="cpu", ppg=PPGConfig(backend="whisper", model="tiny", pretrained=False, piece_s=30.0))
     return build_extractor("ppg", cfg)
 
 
@@ -136,7 +138,7 @@ def test_whisper_loads_a_checkpoint_file_and_names_a_missing_one(tmp_path):
     model = whisper.model.Whisper(dims)
     ckpt = tmp_path / "tiny-random.pt"
     torch.save({"dims": dims.__dict__, "model_state_dict": model.state_dict()}, ckpt)
-    loaded = WhisperPPG(model=str(ckpt), device="cpu")
+    loaded = WhisperPPG(model=str(ckpt), device="cpu", piece_s=30.0)  # one 30 s pass, as the reference
     assert loaded.pretrained and loaded.backend == "whisper-tiny-random"
     clip = _noise(30.0, 4)
     mel = whisper.log_mel_spectrogram(torch.from_numpy(clip))[:, :3000]

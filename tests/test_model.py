@@ -11,7 +11,7 @@ from svc_model.model import SVCModel
 from svc_model.model.discriminators import Discriminator
 from svc_model.model.encoders import PosteriorEncoder, PriorEncoder, coarse_pitch
 from svc_model.model.flow import Flow
-from svc_model.model.generator import Generator, SineSource
+from svc_model.model.generator import Generator
 from svc_model.model.losses import (
     MultiResolutionSTFTLoss,
     discriminator_loss,
@@ -41,66 +41,109 @@ def _inputs(t=T):
 
 
 def test_every_module_has_the_documented_shapes():
+    # Fails if padding leaks into the prior, the flow stops being invertible, or a module's output length is off.
     x = _inputs()
     mask = sequence_mask(x["lengths"], T)
     assert mask.shape == (B, 1, T) and mask[1, 0, T - 9 :].sum() == 0
     g = torch.randn(B, M.gin_channels, 1)
-    prior = PriorEncoder(M.ppg_dim, M.vec_dim, M.hidden_channels, M.filter_channels, M.n_heads, M.prior_layers,
+    vec = torch.randn(B, 16, T)
+    prior = PriorEncoder(M.ppg_dim, 16, M.hidden_channels, M.filter_channels, M.n_heads, M.prior_layers,
                          3, 0.0, M.inter_channels)
-    m_p, logs_p = prior(x["ppg"], x["vec"], x["f0"], mask)
-    assert m_p.shape == logs_p.shape == (B, M.inter_channels, T)
+    m_p, logs_p, hidden = prior(x["ppg"], vec, x["f0"], mask)
+    assert m_p.shape == logs_p.shape == (B, M.inter_channels, T) and hidden.shape == (B, M.hidden_channels, T)
     assert m_p[1, :, T - 9 :].abs().sum() == 0, "padding stays zero"
     post = PosteriorEncoder(513, M.inter_channels, M.hidden_channels, 5, M.posterior_layers, M.gin_channels)
     z, m_q, logs_q = post(x["spec"], mask, g)
     assert z.shape == m_q.shape == (B, M.inter_channels, T)
-    flow = Flow(M.inter_channels, M.hidden_channels, 5, 2, M.flow_layers, M.gin_channels)
+    flow = Flow(M.inter_channels, M.hidden_channels, 5, 2, M.flow_layers, M.spk_dim)
     for coupling in flow.couplings:  # make the flow non-trivial, then check it inverts exactly
         torch.nn.init.normal_(coupling.post.weight, std=0.1)
-    z_p, logdet = flow(z, mask, g)
-    back, _ = flow(z_p, mask, g, reverse=True)
+    z_p, logdet = flow(z, mask, x["speaker"])
+    back, logdet_back = flow(z_p, mask, x["speaker"], reverse=True)
     assert z_p.shape == z.shape and logdet.shape == (B,)
     torch.testing.assert_close(back, z * mask, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logdet_back, -logdet)
     assert not torch.allclose(z_p, z * mask)
-    dec = Generator(M.inter_channels, M.gin_channels, M.upsample_rates, M.upsample_kernel_sizes,
-                    M.upsample_initial_channel, M.resblock_kernel_sizes, M.resblock_dilation_sizes, 32000)
-    audio = dec(z, x["f0"], g)
+    dec = Generator(M.inter_channels, M.spk_dim, M.upsample_rates, M.upsample_kernel_sizes,
+                    M.upsample_initial_channel, M.resblock_kernel_sizes, M.resblock_dilation_sizes, 32000).eval()
+    audio = dec(z, x["speaker"], x["f0"])
     assert audio.shape == (B, 1, T * 320) and audio.abs().max() <= 1
-    src = SineSource(32000, 320)(x["f0"])
+    src = dec.source(x["f0"])
     assert src.shape == (B, 1, T * 320)
-    disc = Discriminator(M.mpd_periods, M.mrd_resolutions, M.disc_channels)
+    disc = Discriminator(M.mpd_periods, M.mrd_resolutions, M.mpd_channels, M.mrd_channels, M.msd_channels)
     outs = disc(audio)
-    assert len(outs) == len(M.mpd_periods) + len(M.mrd_resolutions)
-    assert all(score.shape[0] == B and len(fmaps) == 6 for score, fmaps in outs)
+    assert len(outs) == len(M.mpd_periods) + len(M.mrd_resolutions) + 1
+    assert all(score.shape[0] == B and len(fmaps) in (6, 7) for fmaps, score in outs)
 
 
 @pytest.mark.parametrize("profile", ["tiny", "base"])
 def test_model_output_length_is_frames_times_hop(profile):
+    # Fails if a stage's length drifts (the source convs, the upsamplers) or the vec-less path breaks.
     cfg = load_config(profile)
     model = SVCModel(cfg.model, 513)
     f0 = torch.full((1, 23), 200.0)
-    x = dict(ppg=torch.randn(1, cfg.model.ppg_dim, 23), vec=torch.randn(1, cfg.model.vec_dim, 23), f0=f0,
-             speaker=torch.randn(1, 256))
+    vec = torch.randn(1, cfg.model.vec_dim, 23) if cfg.model.vec_dim else None
+    x = dict(ppg=torch.randn(1, cfg.model.ppg_dim, 23), vec=vec, f0=f0,
+             speaker=torch.nn.functional.normalize(torch.randn(1, 256), dim=-1))
     model.eval()
     assert model.infer(**x).shape == (1, 1, 23 * 320)
     model.train()
     out = model(spec=torch.rand(1, 513, 23), lengths=torch.tensor([23]), segment_frames=10, **x)
-    assert out.audio.shape == (1, 1, 10 * 320)
+    assert out.audio.shape == (1, 1, 10 * 320) and out.speaker_pred.shape == (1, 256)
 
 
-def test_no_speaker_table_a_new_embedding_needs_no_parameters():
+def test_deterministic_inference_repeats_exactly():
+    # Fails if inference draws random numbers (prior noise, source phase or noise). The speaker's audible effect
+    # is tested on a trained model (test_train_convert): at initialization the decoder's latent path is
+    # attenuated by design (upsampler weights std 0.01), so the output is mostly the filtered source.
     model = SVCModel(M, 513).eval()
-    names = [n for n, _ in model.named_parameters()]
-    assert not any("emb_g" in n or "speaker_table" in n for n in names)
     x = _inputs()
-    a = model.infer(x["ppg"][:1], x["vec"][:1], x["f0"][:1], torch.randn(1, 256))
-    b = model.infer(x["ppg"][:1], x["vec"][:1], x["f0"][:1], torch.randn(1, 256))
-    assert not torch.allclose(a, b), "the speaker embedding changes the output"
+    ppg, f0 = x["ppg"][:1], x["f0"][:1]
+    a = model.infer(ppg, None, f0, x["speaker"][:1])
+    assert torch.equal(a, model.infer(ppg, None, f0, x["speaker"][:1]))
+    assert not torch.equal(a, model.infer(ppg, None, f0, x["speaker"][1:2]))
+
+
+def test_the_speaker_classifier_reverses_its_gradient_into_the_prior_encoder():
+    # Fails if the gradient-reversal layer is missing (the prior would learn to *keep* timbre) or scales wrongly.
+    torch.manual_seed(0)
+    model = SVCModel(M, 513).train()
+    x = _inputs()
+    grads = {}
+    for scale in (1.0, -1.0):  # -1 turns the reversal into the identity
+        model.speaker_classifier.classifier[0].scale = scale
+        model.zero_grad()
+        torch.manual_seed(1)
+        out = model(x["ppg"], None, x["f0"], x["spec"], x["speaker"], x["lengths"], segment_frames=8)
+        speaker_loss(out.speaker_pred, x["speaker"]).backward()
+        grads[scale] = (model.prior_encoder.pre.weight.grad.clone(),
+                        model.speaker_classifier.classifier[1].parametrizations.weight.original1.grad.clone())
+    torch.testing.assert_close(grads[1.0][0], -grads[-1.0][0])
+    torch.testing.assert_close(grads[1.0][1], grads[-1.0][1])
+    assert grads[1.0][0].abs().sum() > 0
+
+
+def test_training_perturbs_ppg_and_vec_as_the_anchor():
+    # Fails if the anchor's PPG/vec noise is not applied in training (or leaks into inference).
+    model = SVCModel(M.model_copy(update={"vec_dim": 16, "dropout": 0.0}), 513)
+    x = _inputs()
+    vec = torch.randn(B, 16, T)
+    model.train()
+    seen = []
+    handle = model.prior_encoder.hub.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].clone()))
+    model(x["ppg"], vec, x["f0"], x["spec"], x["speaker"], x["lengths"], segment_frames=8)
+    model.eval()
+    model.infer(x["ppg"], vec, x["f0"], x["speaker"])
+    handle.remove()
+    assert abs(float((seen[0] - vec).std()) - M.vec_noise) < 0.1 * M.vec_noise
+    assert torch.equal(seen[1], vec)
 
 
 def test_coarse_pitch_bins():
+    # The anchor's f0_to_coarse: unvoiced and <= 50 Hz in bin 1, 1100 Hz and above in 255.
     f0 = torch.tensor([0.0, 50.0, 220.0, 1100.0, 5000.0])
     bins = coarse_pitch(f0)
-    assert bins.tolist()[0] == 0 and bins[1] == 1 and bins[3] == 255 and bins[4] == 255
+    assert bins.tolist()[0] == 1 and bins[1] == 1 and bins[3] == 255 and bins[4] == 255
     assert 1 < bins[2] < 255
 
 
@@ -176,3 +219,16 @@ def test_speaker_loss():
     closer = torch.nn.functional.normalize(a + 0.1 * b, dim=-1)
     farther = torch.nn.functional.normalize(a + 1.0 * b, dim=-1)
     assert 0 < float(speaker_loss(closer, a)) < float(speaker_loss(farther, a))
+    # The anchor's criterion: nn.CosineEmbeddingLoss(spk, spk_preds, target=1).
+    reference = torch.nn.CosineEmbeddingLoss()(a, farther, torch.ones(4))
+    assert float(speaker_loss(farther, a)) == pytest.approx(float(reference), abs=1e-6)
+
+
+def test_gan_losses_average_over_sub_discriminators_as_the_anchor():
+    # Fails if the losses are summed (their weight would then grow with the number of discriminators).
+    one, two = [torch.zeros(3)], [torch.zeros(3), torch.zeros(3)]
+    assert float(generator_adversarial_loss(two)) == float(generator_adversarial_loss(one)) == 1.0
+    assert float(discriminator_loss(two, two)) == float(discriminator_loss(one, one)) == 1.0
+    real = [[torch.zeros(2, 3)], [torch.zeros(2, 3)]]
+    fake = [[torch.ones(2, 3)], [torch.ones(2, 3)]]
+    assert float(feature_matching_loss(real, fake)) == pytest.approx(1.0)

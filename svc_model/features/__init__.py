@@ -15,9 +15,11 @@ def build_extractor(feature: str, features_cfg, root: Path | None = None) -> Fea
     elif feature == "ppg":
         from svc_model.features.ppg import PPGExtractor as cls
     elif feature == "vec":
-        from svc_model.features.vec import HubertVec as cls
+        from svc_model.features.vec import VecExtractor as cls
     elif feature == "speaker_embedding":
-        from svc_model.features.speaker import ResemblyzerSpeaker as cls
+        from svc_model.features.speaker import SPEAKER_BACKENDS
+
+        cls = SPEAKER_BACKENDS[features_cfg.speaker.backend]
     else:
         raise ValueError(f"unknown feature {feature!r}; choose from {FEATURES}")
     return cls.from_config(features_cfg, root)

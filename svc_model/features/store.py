@@ -73,11 +73,17 @@ def extract_to_dir(
     manifest = pd.DataFrame(rows)
     manifest["backend"] = extractor.backend
     manifest["pretrained"] = extractor.pretrained
+    encoder = extractor.describe().get("encoder")
+    if encoder is not None:  # speaker embeddings: which encoder (backend + weights hash); never mix two
+        manifest["encoder"] = encoder
+    vec_backend = extractor.describe().get("vec_backend")
+    if vec_backend is not None:  # vec: transformers (a HuBERT layer) or hubert-soft (units); never mix two
+        manifest["vec_backend"] = vec_backend
     extra: dict = {}
     if extractor.feature == "speaker_embedding" and stored:
         from svc_model.features.speaker import mean_embedding
 
-        mean = mean_embedding(np.stack(stored))
+        mean = mean_embedding(np.stack(stored), normalize=getattr(extractor, "unit_norm", True))
         np.save(out_dir / "mean.npy", mean)
         extra["mean_path"] = "mean.npy"
         extra["norms"] = [float(np.linalg.norm(e)) for e in stored] + [float(np.linalg.norm(mean))]

@@ -1,7 +1,8 @@
-"""The decoder: an NSF (neural source-filter) HiFi-GAN generator, speaker-conditioned.
+"""The decoder: an NSF (neural source-filter) BigVGAN-style generator with a speaker adapter.
 
-A harmonic sine excitation built from f0 is injected at every upsampling stage, so the output pitch follows
-the f0 it is given: a +12 semitone shift doubles the f0 here and the sung pitch with it.
+A harmonic excitation built from f0 is injected at every upsampling stage, so the output pitch follows the f0 it
+is given. The residual blocks are BigVGAN's AMP blocks: Snake-beta periodic activations run at twice the rate
+between anti-aliasing (Kaiser-windowed sinc) filters, which keeps the periodic nonlinearity from aliasing.
 """
 from __future__ import annotations
 
@@ -12,68 +13,224 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from svc_model.model.modules import ResBlock, init_weights
+from svc_model.model.modules import init_weights, padding_for
+
+# whisper-vits-svc merges the fundamental and 10 overtones with these fixed weights (buffers of its checkpoints).
+N_HARMONICS = 10
+SOURCE_MERGE_WEIGHT = [0.2942, -0.2243, 0.0033, -0.0056, -0.0020, -0.0046, 0.0221, -0.0083, -0.0241, -0.0036,
+                       -0.0581]
+SOURCE_MERGE_BIAS = [0.0008]
 
 
-class SineSource(nn.Module):
-    """f0 (B, T frames, Hz) -> excitation (B, 1, T*hop): harmonics where voiced, noise where not, merged."""
+# ---- anti-aliased periodic activation ------------------------------------------------------------------------
+def kaiser_sinc_filter(cutoff: float, half_width: float, kernel_size: int) -> torch.Tensor:
+    """A ``(1, 1, kernel_size)`` low-pass FIR: windowed sinc, Kaiser window designed for ``half_width``,
+    normalized to unit DC gain."""
+    half = kernel_size // 2
+    delta_f = 4 * half_width
+    attenuation = 2.285 * (half - 1) * math.pi * delta_f + 7.95
+    if attenuation > 50.0:
+        beta = 0.1102 * (attenuation - 8.7)
+    elif attenuation >= 21.0:
+        beta = 0.5842 * (attenuation - 21) ** 0.4 + 0.07886 * (attenuation - 21.0)
+    else:
+        beta = 0.0
+    window = torch.kaiser_window(kernel_size, beta=beta, periodic=False)
+    t = torch.arange(-half, half) + 0.5 if kernel_size % 2 == 0 else torch.arange(kernel_size) - half
+    taps = 2 * cutoff * window * torch.sinc(2 * cutoff * t)
+    return (taps / taps.sum()).view(1, 1, kernel_size)
 
-    def __init__(self, sample_rate: int, hop: int, n_harmonics: int = 8, sine_amp: float = 0.1,
-                 noise_std: float = 0.003):
+
+class Upsample2x(nn.Module):
+    def __init__(self, ratio: int = 2, kernel_size: int = 12):
         super().__init__()
-        self.sample_rate, self.hop, self.n_harmonics = sample_rate, hop, n_harmonics
-        self.sine_amp, self.noise_std = sine_amp, noise_std
-        self.merge = nn.Linear(n_harmonics + 1, 1)
+        self.ratio, self.kernel_size = ratio, kernel_size
+        self.pad = kernel_size // ratio - 1
+        self.crop_left = self.pad * ratio + (kernel_size - ratio) // 2
+        self.crop_right = self.pad * ratio + (kernel_size - ratio + 1) // 2
+        self.register_buffer("filter", kaiser_sinc_filter(0.5 / ratio, 0.6 / ratio, kernel_size))
 
-    def forward(self, f0: torch.Tensor) -> torch.Tensor:
-        f0 = torch.repeat_interleave(f0, self.hop, dim=1)  # (B, N)
-        harmonics = f0[:, :, None] * torch.arange(1, self.n_harmonics + 2, device=f0.device)[None, None, :]
-        # Phase in float64: a float32 cumulative sum drifts audibly over a 15 s segment.
-        steps = (harmonics.double() / self.sample_rate) % 1.0
-        if self.training:  # random start phase for the overtones, as the recordings have
-            offset = torch.rand(f0.shape[0], 1, harmonics.shape[2], device=f0.device, dtype=torch.float64)
-            offset[:, :, 0] = 0
-            steps[:, :1] = steps[:, :1] + offset
-        phase = 2 * math.pi * (torch.cumsum(steps, dim=1) % 1.0)
-        sines = self.sine_amp * torch.sin(phase).to(f0.dtype)
-        voiced = (f0 > 0).to(f0.dtype)[:, :, None]
-        noise_amp = voiced * self.noise_std + (1 - voiced) * self.sine_amp / 3
-        excitation = sines * voiced + noise_amp * torch.randn_like(sines)
-        return torch.tanh(self.merge(excitation)).transpose(1, 2)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        x = F.pad(x, (self.pad, self.pad), mode="replicate")
+        x = self.ratio * F.conv_transpose1d(x, self.filter.expand(c, -1, -1), stride=self.ratio, groups=c)
+        return x[..., self.crop_left : -self.crop_right]
+
+
+class LowPass(nn.Module):
+    def __init__(self, cutoff: float, half_width: float, stride: int, kernel_size: int):
+        super().__init__()
+        self.stride = stride
+        self.pad_left = kernel_size // 2 - int(kernel_size % 2 == 0)
+        self.pad_right = kernel_size // 2
+        self.register_buffer("filter", kaiser_sinc_filter(cutoff, half_width, kernel_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        x = F.pad(x, (self.pad_left, self.pad_right), mode="replicate")
+        return F.conv1d(x, self.filter.expand(c, -1, -1), stride=self.stride, groups=c)
+
+
+class Downsample2x(nn.Module):
+    def __init__(self, ratio: int = 2, kernel_size: int = 12):
+        super().__init__()
+        self.lowpass = LowPass(0.5 / ratio, 0.6 / ratio, ratio, kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lowpass(x)
+
+
+class SnakeBeta(nn.Module):
+    """``x + 1/beta * sin^2(alpha * x)`` per channel, with ``alpha``/``beta`` stored as logs (start at 1)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(channels))
+        self.beta = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        alpha = torch.exp(self.alpha)[None, :, None]
+        beta = torch.exp(self.beta)[None, :, None]
+        return x + 1.0 / (beta + 1e-9) * torch.sin(x * alpha) ** 2
+
+
+class AntiAliasedSnake(nn.Module):
+    """Upsample x2, Snake-beta, low-pass and downsample x2."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.act = SnakeBeta(channels)
+        self.upsample = Upsample2x()
+        self.downsample = Downsample2x()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.downsample(self.act(self.upsample(x)))
+
+
+class AMPBlock(nn.Module):
+    """BigVGAN's anti-aliased multi-periodicity block: (act, dilated conv, act, conv) + residual, per dilation."""
+
+    def __init__(self, channels: int, kernel_size: int, dilations: tuple[int, ...]):
+        super().__init__()
+        self.convs1 = nn.ModuleList(
+            weight_norm(nn.Conv1d(channels, channels, kernel_size, dilation=d, padding=padding_for(kernel_size, d)))
+            for d in dilations)
+        self.convs2 = nn.ModuleList(
+            weight_norm(nn.Conv1d(channels, channels, kernel_size, padding=padding_for(kernel_size)))
+            for _ in dilations)
+        self.convs1.apply(init_weights)
+        self.convs2.apply(init_weights)
+        self.activations = nn.ModuleList(AntiAliasedSnake(channels) for _ in range(2 * len(dilations)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        acts1, acts2 = self.activations[::2], self.activations[1::2]
+        for c1, c2, a1, a2 in zip(self.convs1, self.convs2, acts1, acts2):
+            x = x + c2(a2(c1(a1(x))))
+        return x
+
+
+# ---- the harmonic source -----------------------------------------------------------------------------------
+class HarmonicSource(nn.Module):
+    """f0 at the sample rate ``(B, N)`` -> excitation ``(B, 1, N)``: the fundamental and its overtones where
+    voiced, noise where not, merged by fixed weights and a tanh (whisper-vits-svc's ``SourceModuleHnNSF``)."""
+
+    def __init__(self, sample_rate: int, sine_amp: float = 0.1, noise_std: float = 0.003):
+        super().__init__()
+        self.sample_rate, self.sine_amp, self.noise_std = sample_rate, sine_amp, noise_std
+        self.register_buffer("merge_w", torch.tensor([SOURCE_MERGE_WEIGHT]))
+        self.register_buffer("merge_b", torch.tensor(SOURCE_MERGE_BIAS))
+
+    def forward(self, f0: torch.Tensor, deterministic: bool = False,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """``deterministic``: overtones start at phase 0 and no noise is added (tests, A/B listening).
+        Otherwise each overtone gets a random start phase and Gaussian noise is added, as in training."""
+        with torch.no_grad():
+            harmonics = f0[:, :, None] * torch.arange(1, N_HARMONICS + 2, device=f0.device, dtype=f0.dtype)
+            # Phase in float64: a float32 running sum drifts audibly over a whole track.
+            steps = (harmonics.double() / self.sample_rate) % 1.0
+            if not deterministic:
+                offset = torch.rand(f0.shape[0], N_HARMONICS + 1, device=f0.device, dtype=torch.float64,
+                                    generator=generator)
+                offset[:, 0] = 0
+                steps[:, 0, :] = steps[:, 0, :] + offset
+            phase = torch.cumsum(steps, dim=1) % 1.0
+            sines = (torch.sin(2 * math.pi * phase) * self.sine_amp).to(f0.dtype)
+            voiced = (f0 > 0).to(f0.dtype)[:, :, None]
+            sines = sines * voiced
+            if not deterministic:
+                noise_amp = voiced * self.noise_std + (1 - voiced) * self.sine_amp / 3
+                sines = sines + noise_amp * torch.randn(sines.shape, device=f0.device, dtype=f0.dtype,
+                                                        generator=generator)
+        merged = torch.tanh(F.linear(sines, self.merge_w.to(sines.dtype), self.merge_b.to(sines.dtype)))
+        return merged.transpose(1, 2)
+
+
+class SpeakerAdapter(nn.Module):
+    """Normalizes each frame over channels, then scales and shifts it by linear maps of the speaker embedding
+    (starting as the identity)."""
+
+    def __init__(self, spk_dim: int, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.W_scale = nn.Linear(spk_dim, channels)
+        self.W_bias = nn.Linear(spk_dim, channels)
+        for layer, bias in ((self.W_scale, 1.0), (self.W_bias, 0.0)):
+            nn.init.zeros_(layer.weight)
+            nn.init.constant_(layer.bias, bias)
+
+    def forward(self, x: torch.Tensor, speaker: torch.Tensor) -> torch.Tensor:
+        x = x.transpose(1, -1)
+        mean = x.mean(dim=-1, keepdim=True)
+        std = (((x - mean) ** 2).mean(dim=-1, keepdim=True) + self.eps).sqrt()
+        y = (x - mean) / std * self.W_scale(speaker).unsqueeze(1) + self.W_bias(speaker).unsqueeze(1)
+        return y.transpose(1, -1)
 
 
 class Generator(nn.Module):
-    def __init__(self, in_channels: int, gin_channels: int, upsample_rates: list[int],
-                 upsample_kernel_sizes: list[int], upsample_initial_channel: int, resblock_kernel_sizes: list[int],
-                 resblock_dilation_sizes: list[list[int]], sample_rate: int, n_harmonics: int = 8):
+    def __init__(self, in_channels: int, spk_dim: int, upsample_rates: list[int], upsample_kernel_sizes: list[int],
+                 upsample_initial_channel: int, resblock_kernel_sizes: list[int],
+                 resblock_dilation_sizes: list[list[int]], sample_rate: int):
         super().__init__()
         self.hop = math.prod(upsample_rates)
-        self.source = SineSource(sample_rate, self.hop, n_harmonics)
-        ch = upsample_initial_channel
-        self.conv_pre = weight_norm(nn.Conv1d(in_channels, ch, 7, padding=3))
-        self.cond = nn.Conv1d(gin_channels, ch, 1)
-        self.ups, self.source_convs, self.resblocks = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         self.n_kernels = len(resblock_kernel_sizes)
+        self.adapter = SpeakerAdapter(spk_dim, in_channels)
+        self.conv_pre = nn.Conv1d(in_channels, upsample_initial_channel, 7, padding=3)
+        self.m_source = HarmonicSource(sample_rate)
+        self.noise_convs, self.ups, self.resblocks = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         for i, (rate, kernel) in enumerate(zip(upsample_rates, upsample_kernel_sizes)):
-            c_in, c_out = ch // 2 ** i, ch // 2 ** (i + 1)
+            c_in, c_out = upsample_initial_channel // 2 ** i, upsample_initial_channel // 2 ** (i + 1)
             self.ups.append(weight_norm(nn.ConvTranspose1d(c_in, c_out, kernel, rate, padding=(kernel - rate) // 2)))
             stride = math.prod(upsample_rates[i + 1 :])
             if stride > 1:  # bring the sample-rate excitation down to this stage's rate
-                self.source_convs.append(nn.Conv1d(1, c_out, 2 * stride, stride=stride, padding=stride // 2))
+                self.noise_convs.append(nn.Conv1d(1, c_out, 2 * stride, stride=stride, padding=stride // 2))
             else:
-                self.source_convs.append(nn.Conv1d(1, c_out, 1))
+                self.noise_convs.append(nn.Conv1d(1, c_out, 1))
             for k, d in zip(resblock_kernel_sizes, resblock_dilation_sizes):
-                self.resblocks.append(ResBlock(c_out, k, tuple(d)))
-        self.conv_post = weight_norm(nn.Conv1d(c_out, 1, 7, padding=3))
+                self.resblocks.append(AMPBlock(c_out, k, tuple(d)))
+        self.activation_post = AntiAliasedSnake(c_out)
+        self.conv_post = nn.Conv1d(c_out, 1, 7, padding=3, bias=False)
         self.ups.apply(init_weights)
 
-    def forward(self, z: torch.Tensor, f0: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """``z`` (B, C, T), ``f0`` (B, T) Hz, ``g`` (B, gin, 1) -> audio (B, 1, T*hop) in [-1, 1]."""
-        source = self.source(f0)
-        x = self.conv_pre(z) + self.cond(g)
-        for i, (up, source_conv) in enumerate(zip(self.ups, self.source_convs)):
-            x = up(F.leaky_relu(x, 0.1))
-            x = x + source_conv(source)[..., : x.shape[-1]]
+    def source(self, f0: torch.Tensor, deterministic: bool = False,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Frame-rate f0 ``(B, T)`` -> the excitation ``(B, 1, T * hop)``. Conversion builds it once per track
+        and slices it per chunk, so the sine phase runs on across chunk boundaries."""
+        return self.m_source(torch.repeat_interleave(f0, self.hop, dim=1), deterministic, generator)
+
+    def forward(self, z: torch.Tensor, speaker: torch.Tensor, f0: torch.Tensor | None = None,
+                source: torch.Tensor | None = None) -> torch.Tensor:
+        """``z`` (B, C, T), raw ``speaker`` (B, spk_dim), and ``f0`` (B, T) Hz or a prebuilt ``source``
+        (B, 1, T*hop) -> audio (B, 1, T*hop) in [-1, 1]. Training adds unit noise to ``z`` (the anchor's
+        perturbation, which makes the decoder robust to the prior's imperfect latents)."""
+        if source is None:
+            source = self.source(f0, deterministic=not self.training)
+        if self.training:
+            z = z + torch.randn_like(z)
+        x = self.conv_pre(self.adapter(z, speaker))
+        x = x * torch.tanh(F.softplus(x))  # mish
+        for i, (up, noise_conv) in enumerate(zip(self.ups, self.noise_convs)):
+            x = up(x)
+            x = x + noise_conv(source)
             blocks = self.resblocks[i * self.n_kernels : (i + 1) * self.n_kernels]
             x = sum(block(x) for block in blocks) / self.n_kernels
-        return torch.tanh(self.conv_post(F.leaky_relu(x)))
+        return torch.tanh(self.conv_post(self.activation_post(x)))

@@ -38,22 +38,25 @@ class MultiResolutionSTFTLoss(nn.Module):
 
 
 def generator_adversarial_loss(fake_scores: list[torch.Tensor]) -> torch.Tensor:
-    """Least-squares GAN, generator side: push D(G(x)) to 1."""
-    return sum(torch.mean((1 - s.float()) ** 2) for s in fake_scores)
+    """Least-squares GAN, generator side: push D(G(x)) to 1; the mean over sub-discriminators (as the anchor)."""
+    return sum(torch.mean((1 - s.float()) ** 2) for s in fake_scores) / len(fake_scores)
 
 
 def discriminator_loss(real_scores: list[torch.Tensor], fake_scores: list[torch.Tensor]) -> torch.Tensor:
-    """Least-squares GAN, discriminator side: D(real) to 1, D(fake) to 0."""
-    return sum(torch.mean((1 - r.float()) ** 2) + torch.mean(f.float() ** 2) for r, f in zip(real_scores, fake_scores))
+    """Least-squares GAN, discriminator side: D(real) to 1, D(fake) to 0; the mean over sub-discriminators."""
+    total = sum(torch.mean((1 - r.float()) ** 2) + torch.mean(f.float() ** 2)
+                for r, f in zip(real_scores, fake_scores))
+    return total / len(real_scores)
 
 
 def feature_matching_loss(real_fmaps: list[list[torch.Tensor]], fake_fmaps: list[list[torch.Tensor]]) -> torch.Tensor:
-    """L1 between the discriminators' intermediate features on real and generated audio (real detached)."""
+    """L1 between the discriminators' intermediate features on real and generated audio (real detached), summed
+    over layers and averaged over sub-discriminators (the anchor then weighs it by 2)."""
     loss = 0.0
     for real, fake in zip(real_fmaps, fake_fmaps):
         for r, f in zip(real, fake):
             loss = loss + torch.mean(torch.abs(r.detach().float() - f.float()))
-    return loss
+    return loss / len(real_fmaps)
 
 
 def kl_loss(z: torch.Tensor, logs_from: torch.Tensor, m_to: torch.Tensor, logs_to: torch.Tensor,
@@ -80,5 +83,6 @@ def kl_reverse(z_q, logs_p, m_q, logs_q, mask, logdet=None) -> torch.Tensor:
 
 
 def speaker_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1 - cosine similarity between the embedding of the output and the target speaker's, batch mean."""
+    """The seed's speaker loss, ``1 - cos(predicted, target)`` batch mean (``nn.CosineEmbeddingLoss`` with target
+    1): the speaker classifier's prediction from the prior's hidden states against the real embedding."""
     return torch.mean(1.0 - F.cosine_similarity(predicted.float(), target.float(), dim=-1))

@@ -1,4 +1,8 @@
-"""Building blocks shared by the encoders, the flow and the decoder."""
+"""Building blocks shared by the encoders, the flow and the decoder.
+
+Parameter names follow whisper-vits-svc's ``SynthesizerTrn`` (``in_layers``, ``res_skip_layers``, ``cond_layer``,
+``gamma``/``beta``) so that its published state dicts load key for key (see :mod:`svc_model.pretrained`).
+"""
 from __future__ import annotations
 
 import torch
@@ -14,8 +18,10 @@ def sequence_mask(lengths: torch.Tensor, max_len: int | None = None) -> torch.Te
 
 
 def slice_segments(x: torch.Tensor, starts: torch.Tensor, size: int) -> torch.Tensor:
-    """Cut ``size`` steps from ``x`` (B, C, T) at per-item ``starts``."""
-    return torch.stack([x[i, :, int(s) : int(s) + size] for i, s in enumerate(starts)])
+    """Cut ``size`` steps from ``x`` (B, C, T) at per-item ``starts``, by a gather: no host sync on the GPU."""
+    index = (starts.to(x.device).long()[:, None] + torch.arange(size, device=x.device)[None, :])
+    index = index.clamp(max=x.shape[-1] - 1)[:, None, :].expand(-1, x.shape[1], -1)
+    return torch.gather(x, 2, index)
 
 
 def random_slice_starts(lengths: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -30,41 +36,22 @@ def init_weights(module: nn.Module, std: float = 0.01) -> None:
         module.weight.data.normal_(0.0, std)
 
 
-class ChannelNorm(nn.Module):
-    """LayerNorm over the channel axis of ``(B, C, T)``."""
+def padding_for(kernel_size: int, dilation: int = 1) -> int:
+    return (kernel_size * dilation - dilation) // 2
 
-    def __init__(self, channels: int):
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the channel axis of ``(B, C, T)`` (parameters ``gamma``/``beta``, as VITS names them)."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
         super().__init__()
-        self.norm = nn.LayerNorm(channels)
+        self.channels, self.eps = channels, eps
+        self.gamma = nn.Parameter(torch.ones(channels))
+        self.beta = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x.transpose(1, 2)).transpose(1, 2)
-
-
-class TransformerStack(nn.Module):
-    """Self-attention + convolutional feed-forward layers over ``(B, C, T)`` with a padding mask."""
-
-    def __init__(self, hidden: int, filter_channels: int, n_heads: int, n_layers: int, kernel_size: int = 3,
-                 dropout: float = 0.1):
-        super().__init__()
-        self.attn = nn.ModuleList(nn.MultiheadAttention(hidden, n_heads, dropout=dropout, batch_first=True)
-                                  for _ in range(n_layers))
-        self.norm1 = nn.ModuleList(ChannelNorm(hidden) for _ in range(n_layers))
-        self.ffn = nn.ModuleList(
-            nn.Sequential(nn.Conv1d(hidden, filter_channels, kernel_size, padding=kernel_size // 2), nn.ReLU(),
-                          nn.Dropout(dropout), nn.Conv1d(filter_channels, hidden, kernel_size, padding=kernel_size // 2))
-            for _ in range(n_layers))
-        self.norm2 = nn.ModuleList(ChannelNorm(hidden) for _ in range(n_layers))
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        padding = mask[:, 0] < 0.5  # (B, T), True where padded
-        for attn, norm1, ffn, norm2 in zip(self.attn, self.norm1, self.ffn, self.norm2):
-            h = x.transpose(1, 2)
-            y, _ = attn(h, h, h, key_padding_mask=padding, need_weights=False)
-            x = norm1(x + self.dropout(y.transpose(1, 2)))
-            x = norm2(x + self.dropout(ffn(x * mask))) * mask
-        return x * mask
+        x = F.layer_norm(x.transpose(1, -1), (self.channels,), self.gamma, self.beta, self.eps)
+        return x.transpose(1, -1)
 
 
 class WaveNet(nn.Module):
@@ -75,25 +62,27 @@ class WaveNet(nn.Module):
         super().__init__()
         self.hidden, self.n_layers = hidden, n_layers
         self.in_layers = nn.ModuleList()
-        self.res_skip = nn.ModuleList()
+        self.res_skip_layers = nn.ModuleList()
         for i in range(n_layers):
             dilation = dilation_rate ** i
             self.in_layers.append(weight_norm(nn.Conv1d(hidden, 2 * hidden, kernel_size, dilation=dilation,
-                                                        padding=(kernel_size * dilation - dilation) // 2)))
-            out = 2 * hidden if i < n_layers - 1 else hidden
-            self.res_skip.append(weight_norm(nn.Conv1d(hidden, out, 1)))
-        self.cond = weight_norm(nn.Conv1d(gin_channels, 2 * hidden * n_layers, 1)) if gin_channels else None
+                                                        padding=padding_for(kernel_size, dilation))))
+            out = 2 * hidden if i < n_layers - 1 else hidden  # the last layer has no residual half
+            self.res_skip_layers.append(weight_norm(nn.Conv1d(hidden, out, 1)))
+        if gin_channels:
+            self.cond_layer = weight_norm(nn.Conv1d(gin_channels, 2 * hidden * n_layers, 1))
+        else:
+            self.cond_layer = None
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
         output = torch.zeros_like(x)
-        cond = self.cond(g) if (g is not None and self.cond is not None) else None
-        for i, (layer, res_skip) in enumerate(zip(self.in_layers, self.res_skip)):
+        cond = self.cond_layer(g) if (g is not None and self.cond_layer is not None) else None
+        for i, (layer, res_skip) in enumerate(zip(self.in_layers, self.res_skip_layers)):
             h = layer(x)
             if cond is not None:
                 h = h + cond[:, i * 2 * self.hidden : (i + 1) * 2 * self.hidden]
-            a, b = h.chunk(2, dim=1)
-            acts = self.dropout(torch.tanh(a) * torch.sigmoid(b))
+            acts = self.dropout(torch.tanh(h[:, : self.hidden]) * torch.sigmoid(h[:, self.hidden :]))
             rs = res_skip(acts)
             if i < self.n_layers - 1:
                 x = (x + rs[:, : self.hidden]) * mask
@@ -101,21 +90,3 @@ class WaveNet(nn.Module):
             else:
                 output = output + rs
         return output * mask
-
-
-class ResBlock(nn.Module):
-    """HiFi-GAN ResBlock1: dilated convolutions with leaky ReLU and residuals."""
-
-    def __init__(self, channels: int, kernel_size: int, dilations: tuple[int, ...]):
-        super().__init__()
-        self.convs1 = nn.ModuleList(
-            weight_norm(nn.Conv1d(channels, channels, kernel_size, dilation=d, padding=(kernel_size * d - d) // 2))
-            for d in dilations)
-        self.convs2 = nn.ModuleList(
-            weight_norm(nn.Conv1d(channels, channels, kernel_size, padding=kernel_size // 2)) for _ in dilations)
-        self.apply(init_weights)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for c1, c2 in zip(self.convs1, self.convs2):
-            x = x + c2(F.leaky_relu(c1(F.leaky_relu(x, 0.1)), 0.1))
-        return x
