@@ -46,24 +46,30 @@ def training_set(context: dg.AssetExecutionContext, workspace: WorkspaceResource
 
 class TrainingConfig(dg.Config):
     steps: Optional[int] = None  # default: the workspace config's train.steps
-    fine_tune: bool = False  # start from the production model's weights (the cheap path after adding a singer)
+    # auto: fine-tune from the 'production' version if there is one, else from 'base' (an imported pretrained
+    # model, `svc pretrained import`), else train from scratch. production | base: that alias (an error if it is
+    # missing). scratch: random initialization.
+    start_from: str = "auto"
+    fine_tune: bool = False  # older flag: production, falling back as auto does (with a warning)
     device: str = "auto"
 
 
 @dg.asset(
     deps=[training_set],
-    code_version="1",
+    code_version="2",
     group_name="training",
     kinds={"pytorch", "mlflow"},
-    description="Trains (or fine-tunes from production) on the training set in one MLflow run and registers "
-    "the result as a new version of the registered model.",
+    description="Fine-tunes from production, else from base (an imported pretrained model), else trains from "
+    "scratch, on the training set in one MLflow run; tags which (init_from) and registers the result as a new "
+    "version of the registered model.",
 )
 def svc_checkpoint(context: dg.AssetExecutionContext, config: TrainingConfig,
                    workspace: WorkspaceResource) -> dg.MaterializeResult:
-    import mlflow
     import pandas as pd
 
+    import mlflow
     from orchestration import tracking
+    from orchestration.pretrained import resolve_start_point
     from svc_model.train import Trainer
 
     ws = workspace.get()
@@ -71,15 +77,14 @@ def svc_checkpoint(context: dg.AssetExecutionContext, config: TrainingConfig,
     manifest = pd.read_parquet(ws.asset_dir("training_set") / "manifest.parquet")
     for column in PATH_COLUMNS:
         manifest[column] = [str(ws.resolve(p)) for p in manifest[column]]
-    init_from, base_version = None, None
-    if config.fine_tune:
-        production = tracking.alias_version(ws, tracking.PRODUCTION)
-        if production is None:
-            context.log.warning("fine_tune requested but no production model yet: training from scratch")
-        else:
-            init_from, base_version = tracking.download_checkpoint(ws, production), production.version
+    try:
+        start = resolve_start_point(ws, config.start_from, config.fine_tune, log=context.log.info,
+                                    warn=context.log.warning)
+    except ValueError as exc:
+        raise dg.Failure(str(exc)) from exc
+    init_from, base_version = start.checkpoint, start.version
     singers = sorted(manifest["singer"].unique())
-    tags = {"dagster_run_id": context.run_id, "git_commit": tracking.git_commit(ws),
+    tags = {"dagster_run_id": context.run_id, "git_commit": tracking.git_commit(ws), "init_from": start.label,
             "fine_tuned_from_version": str(base_version or ""), "singers": ",".join(singers),
             **{f"dvc_md5.{s}": ws.singer_data_version(s) or "" for s in singers}}
     mlflow.set_tracking_uri(ws.tracking_uri)
@@ -103,7 +108,10 @@ def svc_checkpoint(context: dg.AssetExecutionContext, config: TrainingConfig,
             trainer.close()
         mlflow.log_artifact(str(run_dir / "manifest.parquet") if (run_dir / "manifest.parquet").exists()
                             else str(ws.asset_dir("training_set") / "manifest.parquet"), "training_set")
-        version = tracking.register_checkpoint(ws, run_id, result.checkpoint, tags={"dagster_run_id": context.run_id})
+        version_tags = {"dagster_run_id": context.run_id, "init_from": start.label}
+        if base_version:
+            version_tags["fine_tuned_from_version"] = str(base_version)
+        version = tracking.register_checkpoint(ws, run_id, result.checkpoint, tags=version_tags)
     last = result.history[-1] if result.history else {}
     return dg.MaterializeResult(metadata={
         "mlflow_run_url": dg.MetadataValue.url(url),
@@ -111,6 +119,7 @@ def svc_checkpoint(context: dg.AssetExecutionContext, config: TrainingConfig,
         "model_version": int(version.version),
         "registered_model": ws.settings.registered_model_name,
         "steps": result.step,
+        "init_from": start.label,
         "fine_tuned_from_version": str(base_version or "none"),
         "final_mel_loss": round(float(last.get("mel", float("nan"))), 4),
         "valid_mel": round(float(result.validation.get("valid_mel", float("nan"))), 4),

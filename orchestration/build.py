@@ -159,8 +159,11 @@ def build(
 
 def materialize_training(ws: Workspace, *, steps: int | None = None, fine_tune: bool = False, device: str = "auto",
                          instance: dg.DagsterInstance | None = None, extra_assets: Iterable[str] = (),
-                         tags: dict[str, str] | None = None) -> dict:
+                         tags: dict[str, str] | None = None, start_from: str = "auto") -> dict:
     """Run training_set, svc_checkpoint, evaluation_report (and ``extra_assets``) in one in-process run.
+
+    ``start_from``: auto (production, else base, else scratch) | production | base | scratch; ``fine_tune`` is
+    the older flag for production (see :func:`orchestration.pretrained.resolve_start_point`).
 
     ``tags`` are added to the run's tags, so a launcher (the studio) can find its run in the instance.
 
@@ -172,7 +175,8 @@ def materialize_training(ws: Workspace, *, steps: int | None = None, fine_tune: 
     sync_singers(ws, instance)
     defs = build_definitions(ws)
     selection = [*TRAINING_ASSETS, *extra_assets]
-    run_config = {"ops": {"svc_checkpoint": {"config": {"steps": steps, "fine_tune": fine_tune, "device": device}}},
+    training = {"steps": steps, "start_from": start_from, "fine_tune": fine_tune, "device": device}
+    run_config = {"ops": {"svc_checkpoint": {"config": training}},
                   "loggers": {"console": {"config": {"log_level": "INFO"}}}}
     result = dg.materialize([*ASSETS, *ASSET_CHECKS], selection=[dg.AssetKey(a) for a in selection],
                             instance=instance, resources=defs.resources, run_config=run_config,

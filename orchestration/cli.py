@@ -100,9 +100,9 @@ def _add_singer(ws, name, paths, *, append, push, instance) -> None:
 @click.option("--asset", "assets", multiple=True, help="Asset to build (repeatable; default: every per-singer asset).")
 @click.option("--singer", "singers", multiple=True, help="Singer to build (repeatable; default: all).")
 @click.option("--train", "then_train", is_flag=True,
-              help="Then, if the training set is stale, train (fine-tuning from production), evaluate and register "
-                   "a 'candidate' version.")
-@click.option("--from-scratch", is_flag=True, help="With --train: do not start from the production model.")
+              help="Then, if the training set is stale, train (fine-tuning from production, else from base, else from "
+                   "scratch), evaluate and register a 'candidate' version.")
+@click.option("--from-scratch", is_flag=True, help="With --train: do not start from the production or base model.")
 @click.option("--steps", type=int, default=None, help="With --train: steps (default: the config's train.steps).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @with_workspace
@@ -134,7 +134,7 @@ def build(ws: Workspace, assets: tuple[str, ...], singers: tuple[str, ...], then
     if training_set == "fresh":
         click.echo("the training set is up to date: nothing to train")
         return
-    args = ["--device", device] + ([] if from_scratch else ["--fine-tune"]) + (["--steps", str(steps)] if steps else [])
+    args = ["--device", device] + (["--from-scratch"] if from_scratch else []) + (["--steps", str(steps)] if steps else [])
     _train_in_subprocess(ws, args)
 
 
@@ -199,7 +199,12 @@ def remove_singer_cmd(ws: Workspace, name: str, yes: bool) -> None:
 
 @main.command()
 @click.option("--steps", type=int, default=None, help="Steps to train (default: the config's train.steps).")
-@click.option("--fine-tune", is_flag=True, help="Start from the production model's weights (cheap after adding a singer).")
+@click.option("--start-from", type=click.Choice(["auto", "production", "base", "scratch"]), default="auto",
+              show_default=True,
+              help="auto: fine-tune from the 'production' version, else from 'base' (`svc pretrained import`), else "
+                   "train from scratch. production/base: that alias (an error if it does not exist).")
+@click.option("--fine-tune", is_flag=True, help="Older flag: start from production (falls back to base, then scratch).")
+@click.option("--from-scratch", is_flag=True, help="Same as --start-from scratch.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--local", "local_name", default=None, metavar="NAME",
               help="Untracked run in runs/NAME (no Dagster, MLflow or registry; resumes if it exists).")
@@ -209,9 +214,17 @@ def remove_singer_cmd(ws: Workspace, name: str, yes: bool) -> None:
 @click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", hidden=True,
               help="Extra Dagster run tag (repeatable); the studio finds the run it launched by one.")
 @with_workspace
-def train(ws: Workspace, steps, fine_tune, device, local_name, init_from, fresh, tags) -> None:
+def train(ws: Workspace, steps, start_from, fine_tune, from_scratch, device, local_name, init_from, fresh,
+          tags) -> None:
     """Train: training_set -> svc_checkpoint (one MLflow run, a new registered version) -> evaluation_report,
-    as one Dagster run on the workspace's instance. With --local, a plain run in runs/NAME."""
+    as one Dagster run on the workspace's instance; the run and the version are tagged init_from (production:vN,
+    base:vN or scratch). With --local, a plain run in runs/NAME."""
+    if from_scratch:
+        if fine_tune or start_from not in ("auto", "scratch"):
+            _fail("--from-scratch contradicts --fine-tune / --start-from " + start_from)
+        start_from = "scratch"
+    if fine_tune and start_from != "auto":
+        _fail(f"--fine-tune contradicts --start-from {start_from}")
     if local_name:
         from orchestration.training import train_workspace
 
@@ -223,9 +236,11 @@ def train(ws: Workspace, steps, fine_tune, device, local_name, init_from, fresh,
     from orchestration.build import materialize_training
 
     run_tags = dict(tag.partition("=")[::2] for tag in tags)
-    out = materialize_training(ws, steps=steps, fine_tune=fine_tune, device=device, tags=run_tags)
+    out = materialize_training(ws, steps=steps, fine_tune=fine_tune, start_from=start_from, device=device,
+                               tags=run_tags)
     ckpt, report = out["svc_checkpoint"], out["evaluation_report"]
-    click.echo(f"registered {ckpt['registered_model']} version {ckpt['model_version']} "
+    click.echo(f"started from {ckpt.get('init_from', '?')}; registered {ckpt['registered_model']} version "
+               f"{ckpt['model_version']} "
                f"(steps {ckpt['steps']}, final mel {ckpt['final_mel_loss']}); MLflow run {ckpt['mlflow_run_url']}")
     verdict = "passed" if report["passed"] else "FAILED (promote needs --force --reason)"
     click.echo(f"evaluation {verdict}: f0 corr {report['f0_corr']:.3f}, f0 RMSE {report['f0_rmse_cents']:.0f} cents, "
@@ -252,6 +267,74 @@ def models(ws: Workspace) -> None:
         click.echo(f"{v.version:>7}  {aliases:<22} {tags.get('eval.passed', 'none'):<7} "
                    f"{tags.get('eval.' + metric, '-')[:10]:>18} {tags.get('eval.f0_corr', '-')[:8]:>8} "
                    f"{tags.get('eval.similarity_gap', '-')[:8]:>8}  {v.run_id}")
+
+
+@main.group()
+def pretrained() -> None:
+    """whisper-vits-svc checkpoints: import one into the registry as the 'base' to fine-tune from, or download the
+    published base model."""
+
+
+def _parse_speakers(items: tuple[str, ...]) -> dict[str, str]:
+    speakers = {}
+    for item in items:
+        name, sep, file = item.partition("=")
+        if not sep or not name.strip() or not file.strip():
+            raise click.BadParameter(f"{item!r}: use SINGER=FILE.npy, e.g. alto=singer0001.npy", param_hint="--speaker")
+        if name.strip() in speakers:
+            raise click.BadParameter(f"singer {name.strip()!r} given twice", param_hint="--speaker")
+        speakers[name.strip()] = file.strip()
+    return speakers
+
+
+@pretrained.command("import")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--name", "alias", default="base", show_default=True,
+              help="Registry alias for the imported version (training starts from 'base' when nothing is in "
+                   "production).")
+@click.option("--speaker", "speakers", multiple=True, metavar="SINGER=FILE",
+              help="A singer's embedding for conversion targets: whisper-vits-svc's (256,) .npy, e.g. "
+                   "configs/singers/singer0001.npy (repeatable).")
+@with_workspace
+def pretrained_import(ws: Workspace, file: str, alias: str, speakers: tuple[str, ...]) -> None:
+    """Check FILE (a whisper-vits-svc sovits5.0.pretrain.pth, or a singer model from its svc_export.py) key by key,
+    convert it once to this project's checkpoint format, and register it as a new model version with an alias."""
+    from orchestration.pretrained import import_pretrained
+
+    click.echo(f"reading {file} (torch.load weights_only=True: tensors only, no code runs)")
+    report = import_pretrained(ws, file, alias, _parse_speakers(speakers))
+    m = report.model_cfg
+    click.echo(f"converted {report.source.name} once into {report.converted}; the original is not loaded again")
+    what = ("a pretrain (generator + discriminator)" if report.kind == "pretrain" else
+            "an exported singer model (generator only: " + ", ".join(report.missing_parts) + " left at a fresh "
+            "initialization)")
+    click.echo(f"kind: {report.kind}, {what}")
+    click.echo(f"widths: ppg_dim {m.ppg_dim}, vec_dim {m.vec_dim}, spk_dim {m.spk_dim}, hidden {m.hidden_channels}, "
+               f"inter {m.inter_channels}, filter {m.filter_channels}, prior layers {m.prior_layers}, "
+               f"decoder {m.upsample_initial_channel}")
+    click.echo(f"singers: {', '.join(report.singers) or 'none (add --speaker SINGER=FILE.npy to convert with it)'}")
+    click.echo(f"sha256 {report.sha256}")
+    click.echo(f"registered {ws.settings.registered_model_name} version {report.version} with alias "
+               f"'{report.alias}' (speaker encoder: mozilla-lstm)")
+    if report.workspace_mismatch:
+        click.secho(f"warning: this workspace's config ({ws.settings.config}) does not fit the imported model; to "
+                    "train from it, or convert with it on this workspace's features, the config needs:", fg="yellow",
+                    err=True)
+        for line in report.workspace_mismatch:
+            click.secho(f"  {line}", fg="yellow", err=True)
+
+
+@pretrained.command("download")
+@click.argument("name")
+@with_workspace
+def pretrained_download(ws: Workspace, name: str) -> None:
+    """Download a published whisper-vits-svc model (NAME: sovits5.0) into models/pretrained/, then import it with
+    `svc pretrained import`."""
+    from orchestration.pretrained import models_dir
+    from svc_model.pretrained import download_published
+
+    path = download_published(name, models_dir(ws))
+    click.echo(f"downloaded {path}; import it with `svc -C {ws.root} pretrained import {path}`")
 
 
 @main.command()

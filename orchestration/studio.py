@@ -329,7 +329,8 @@ class Studio:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = [str(Path(sys.executable).parent / "svc"), "-C", str(self.ws.root), "train", "--device", device,
                "--tag", f"{STUDIO_RUN_TAG}={token}"]
-        cmd += (["--fine-tune"] if mode == FINE_TUNE else []) + (["--steps", str(int(steps))] if steps else [])
+        # `svc train` alone starts from production, else base, else scratch: from scratch must be asked for.
+        cmd += (["--fine-tune"] if mode == FINE_TUNE else ["--from-scratch"]) + (["--steps", str(int(steps))] if steps else [])
         with log_path.open("w") as out:
             process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        cwd=self.ws.root, env=self.ws.env())
@@ -367,7 +368,9 @@ class Studio:
         from orchestration import tracking
 
         config = (run.run_config or {}).get("ops", {}).get("svc_checkpoint", {}).get("config", {})
-        mode = "fine-tune" if config.get("fine_tune") else "from scratch"
+        start = config.get("start_from", "scratch")  # runs from before start_from trained from scratch by default
+        mode = ("fine-tune" if config.get("fine_tune") or start in ("production", "base") else
+                "from scratch" if start == "scratch" else "production, else base, else scratch")
         view = TrainingView("running", "", steps=int(config.get("steps") or self.ws.config().train.steps))
         history = self.ws.runs_dir / f"dagster-{run.run_id[:8]}" / "history.jsonl"
         if history.is_file():

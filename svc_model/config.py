@@ -167,6 +167,9 @@ class ModelConfig(_Strict):
     upsample_initial_channel: int = Field(320, gt=0)
     resblock_kernel_sizes: list[int] = [3, 7, 11]
     resblock_dilation_sizes: list[list[int]] = [[1, 3, 5], [1, 3, 5], [1, 3, 5]]
+    source_init_gain: float = Field(10.0, gt=0, description="from scratch: the NSF source convolutions start this "
+                                    "many times PyTorch's default (the anchor: 1); at 1 a short training learns a "
+                                    "frame-rate buzz before it learns to follow the source")
     ppg_noise: float = Field(1.0, ge=0, description="std of the Gaussian noise added to the PPG in training")
     vec_noise: float = Field(2.0, ge=0, description="std of the Gaussian noise added to vec in training")
     mpd_periods: list[int] = [2, 3, 5, 7, 11]

@@ -91,11 +91,13 @@ class Converter:
         self._root = Path(root) if root is not None else None
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu", root: str | Path | None = None) -> "Converter":
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu", root: str | Path | None = None,
+                        extractors: Mapping | None = None) -> "Converter":
+        """``extractors``: already-loaded feature extractors to reuse (``{feature: extractor}``)."""
         from svc_model.train import load_model
 
         model, cfg, ckpt = load_model(path, device)
-        return cls(model, cfg, ckpt.get("singers") or {}, device=device, root=Path(root) if root is not None else None,
+        return cls(model, cfg, ckpt.get("singers") or {}, device=device, extractors=extractors, root=root,
                    speaker_encoder=ckpt.get("speaker_encoder") or "")
 
     def extractor(self, feature: str):

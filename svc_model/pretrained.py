@@ -2,7 +2,7 @@
 singer models exported by its ``svc_export.py`` (``model_g`` with ``enc_p``, ``flow`` and ``dec`` only).
 
 The key mapping from the anchor's names to ours is two rules:
-1. five top-level prefixes are renamed (:data:`svc_model.model.synthesizer.ANCHOR_PREFIXES`, e.g.
+1. four top-level prefixes are renamed (:data:`svc_model.model.synthesizer.ANCHOR_PREFIXES`, e.g.
    ``enc_p.`` -> ``prior_encoder.``, ``dec.`` -> ``decoder.``); discriminator keys keep their names;
 2. the anchor's old-style weight norm stores ``<layer>.weight_g`` / ``<layer>.weight_v``; PyTorch's
    parametrized weight norm (ours) stores ``<layer>.parametrizations.weight.original0`` / ``original1``.
@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import torch
@@ -181,7 +181,7 @@ def read_anchor_checkpoint(path: str | Path, base: SVCConfig | None = None) -> A
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a pickle with code in it, a truncated file, not a torch file at all
         raise PretrainedError(f"{path}: not a loadable torch checkpoint of plain tensors "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+                              f"({_load_failure(exc)})") from exc
     if not isinstance(raw, dict) or not isinstance(raw.get("model_g"), dict):
         keys = sorted(raw)[:5] if isinstance(raw, dict) else type(raw).__name__
         raise PretrainedError(f"{path}: no 'model_g' state dict (found {keys}); expected a whisper-vits-svc "
@@ -203,6 +203,18 @@ def read_anchor_checkpoint(path: str | Path, base: SVCConfig | None = None) -> A
         check_against(disc.state_dict(), discriminator, path, "model_d")
     parts = sorted({k.split(".")[0] for k in missing})
     return AnchorCheckpoint(path, kind, sha256_of(path), model_cfg, generator, discriminator, parts)
+
+
+def _load_failure(exc: Exception) -> str:
+    """One line on why ``torch.load(weights_only=True)`` refused a file, without PyTorch's advice to retry with
+    ``weights_only=False`` (which would run whatever code the file holds)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        detail = [line.replace("WeightsUnpickler error:", "").strip() for line in lines[1:]
+                  if not line.startswith(("Check the documentation", "Please file an issue"))]
+        detail = " ".join(d for d in detail if d)
+        return f"refused by weights_only=True, nothing in it was run: {detail[:200] or 'not plain tensors'}"
+    return f"{type(exc).__name__}: {(lines or [''])[0][:200]}"
 
 
 def load_generator_weights(model, generator: dict[str, torch.Tensor]) -> None:
@@ -320,7 +332,8 @@ def download_published(name: str, dest_dir: str | Path, progress: bool = True, t
     try:
         with urllib.request.urlopen(entry["url"], timeout=timeout) as response, open(tmp, "wb") as fh:
             total = int(response.headers.get("Content-Length") or 0) or entry["size"]
-            with tqdm(total=total, unit="B", unit_scale=True, desc=entry["file"], disable=not progress) as bar:
+            with tqdm(total=total, unit="B", unit_scale=True, desc=entry["file"],
+                      disable=None if progress else True) as bar:  # None: off when not a terminal
                 for block in iter(lambda: response.read(1 << 20), b""):
                     fh.write(block)
                     bar.update(len(block))

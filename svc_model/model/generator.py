@@ -189,7 +189,7 @@ class SpeakerAdapter(nn.Module):
 class Generator(nn.Module):
     def __init__(self, in_channels: int, spk_dim: int, upsample_rates: list[int], upsample_kernel_sizes: list[int],
                  upsample_initial_channel: int, resblock_kernel_sizes: list[int],
-                 resblock_dilation_sizes: list[list[int]], sample_rate: int):
+                 resblock_dilation_sizes: list[list[int]], sample_rate: int, source_init_gain: float = 1.0):
         super().__init__()
         self.hop = math.prod(upsample_rates)
         self.n_kernels = len(resblock_kernel_sizes)
@@ -210,6 +210,12 @@ class Generator(nn.Module):
         self.activation_post = AntiAliasedSnake(c_out)
         self.conv_post = nn.Conv1d(c_out, 1, 7, padding=3, bias=False)
         self.ups.apply(init_weights)
+        # From scratch, a larger start for the source convolutions makes the harmonic source outweigh the
+        # frame-rate latent; with PyTorch's default a short training finds a 100 Hz (frame-rate) buzz first and
+        # ignores the source. Loaded weights (a pretrain, a checkpoint) replace this.
+        with torch.no_grad():
+            for conv in self.noise_convs:
+                conv.weight.mul_(source_init_gain)
 
     def source(self, f0: torch.Tensor, deterministic: bool = False,
                generator: torch.Generator | None = None) -> torch.Tensor:

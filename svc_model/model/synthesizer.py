@@ -7,7 +7,7 @@ through the inverse flow under the *target's* speaker embedding, and decodes wit
 no speaker-ID table: a new singer is only a new embedding.
 
 Submodules carry domain names; their insides carry the anchor's names, so its checkpoints load after renaming
-five prefixes (:data:`ANCHOR_PREFIXES`, used by :mod:`svc_model.pretrained`).
+four prefixes (:data:`ANCHOR_PREFIXES`, used by :mod:`svc_model.pretrained`).
 """
 from __future__ import annotations
 
@@ -23,9 +23,8 @@ from svc_model.model.flow import Flow
 from svc_model.model.generator import Generator
 from svc_model.model.modules import random_slice_starts, sequence_mask, slice_segments
 
-# whisper-vits-svc's top-level names -> ours.
-ANCHOR_PREFIXES = {"emb_g": "speaker_proj", "enc_p": "prior_encoder", "enc_q": "posterior_encoder",
-                   "flow": "flow", "dec": "decoder", "speaker_classifier": "speaker_classifier"}
+# whisper-vits-svc's top-level names -> ours (``flow`` and ``speaker_classifier`` keep theirs).
+ANCHOR_PREFIXES = {"emb_g": "speaker_proj", "enc_p": "prior_encoder", "enc_q": "posterior_encoder", "dec": "decoder"}
 
 
 @dataclass
@@ -59,7 +58,7 @@ class SVCModel(nn.Module):
                          cfg.spk_dim)
         self.decoder = Generator(cfg.inter_channels, cfg.spk_dim, cfg.upsample_rates, cfg.upsample_kernel_sizes,
                                  cfg.upsample_initial_channel, cfg.resblock_kernel_sizes,
-                                 cfg.resblock_dilation_sizes, sample_rate)
+                                 cfg.resblock_dilation_sizes, sample_rate, cfg.source_init_gain)
         self.hop = self.decoder.hop
 
     def forward(self, ppg, vec, f0, spec, speaker, lengths, segment_frames: int,
