@@ -1,4 +1,4 @@
-"""A differentiable speaker embedding for the speaker loss: resemblyzer's pretrained encoder, frozen, fed by a
+"""A differentiable speaker embedding for the optional output-similarity loss: resemblyzer's pretrained encoder, frozen, fed by a
 torch mel front end that matches its own (16 kHz, 25 ms windows, 10 ms hop, 40 mel bands, power)."""
 from __future__ import annotations
 
@@ -21,12 +21,17 @@ class SpeakerEmbedder(nn.Module):
         for p in encoder.parameters():
             p.requires_grad_(False)
         self.lstm, self.linear = encoder.lstm, encoder.linear
+        self.train()
         basis = librosa.filters.mel(sr=16000, n_fft=400, n_mels=40)
         self.register_buffer("basis", torch.from_numpy(basis).float(), persistent=False)
         self.register_buffer("window", torch.hann_window(400), persistent=False)
 
-    def train(self, mode: bool = True):  # always frozen, always in eval mode
-        return super().train(False)
+    def train(self, mode: bool = True):
+        """Frozen weights, but the LSTM stays in training mode: cuDNN refuses an RNN backward in eval mode, and
+        resemblyzer's LSTM has no dropout, so both modes compute the same embedding."""
+        super().train(False)
+        self.lstm.train(True)
+        return self
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         """``(B, N)`` or ``(B, 1, N)`` at ``sample_rate`` -> ``(B, 256)`` unit vectors; gradients reach the audio."""
