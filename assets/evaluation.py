@@ -13,6 +13,7 @@ CHECKS = {
     "f0_rmse": "f0 RMSE in cents at most evaluation.max_f0_rmse_cents",
     "vuv_error": "voiced/unvoiced disagreement at most evaluation.max_vuv_error",
     "timbre_transfer": "outputs closer to the target singer than to the source (if evaluation.require_timbre_transfer)",
+    "reconstruction": "same-singer conversion's log-mel L1 at most evaluation.max_reconstruction_mel",
 }
 
 
@@ -25,7 +26,7 @@ def _latest_version_meta(context) -> dict:
 
 @dg.asset(
     deps=[svc_checkpoint],
-    code_version="1",
+    code_version="2",
     group_name="training",
     kinds={"mlflow"},
     check_specs=[dg.AssetCheckSpec(name, asset="evaluation_report", description=d) for name, d in CHECKS.items()],
@@ -39,7 +40,7 @@ def evaluation_report(context: dg.AssetExecutionContext, workspace: WorkspaceRes
     from assets.training import PATH_COLUMNS
     from orchestration import tracking
     from orchestration.promotion import EVAL_FAILED_CHECKS, EVAL_PASSED
-    from svc_model.evaluate import evaluate, write_report
+    from svc_model.evaluate import evaluate, gates, similarity_caveat, write_report
     from svc_model.infer import Converter
 
     ws = workspace.get()
@@ -54,15 +55,13 @@ def evaluation_report(context: dg.AssetExecutionContext, workspace: WorkspaceRes
         manifest[column] = [str(ws.resolve(p)) for p in manifest[column]]
     result = evaluate(converter, manifest, cfg.max_segments_per_singer, log=context.log.info)
     o = result.overall
-    outcomes = {
-        "f0_corr": (o["f0_corr"] >= cfg.min_f0_corr, o["f0_corr"]),
-        "f0_rmse": (o["f0_rmse_cents"] <= cfg.max_f0_rmse_cents, o["f0_rmse_cents"]),
-        "vuv_error": (o["vuv_error"] <= cfg.max_vuv_error, o["vuv_error"]),
-        "timbre_transfer": ((o["similarity_gap"] > 0) or not cfg.require_timbre_transfer, o["similarity_gap"]),
-    }
+    outcomes = gates(o, cfg)
     passed = all(ok for ok, _ in outcomes.values())
     with ws.write_asset("evaluation_report") as out:
-        paths = write_report(result, out, title=f"{name} version {version}")
+        caveat = similarity_caveat(converter.cfg)
+        if caveat:
+            context.log.warning(caveat)
+        paths = write_report(result, out, title=f"{name} version {version}", note=caveat)
         (out / "metrics.json").write_text(json.dumps({"model_version": int(version), **o}, indent=2))
     report_dir = ws.asset_dir("evaluation_report")
     # DVC metrics (dvc.yaml declares metrics/evaluation.json); written atomically.

@@ -408,8 +408,13 @@ def _parse_blend(text: str) -> dict[str, float]:
               help="Registry model URI, e.g. models:/svc/3 or models:/svc@candidate (default: models:/svc@production).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="A local checkpoint file instead.")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
+@click.option("--deterministic", is_flag=True,
+              help="No random numbers: the prior's mean, overtones at phase 0, no source noise (A/B listening).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the source's noise and phases (ignored with "
+              "--deterministic): the same seed gives the same audio.")
 @with_workspace
-def convert(ws: Workspace, source, output, singer, reference, blend, pitch_shift, model_uri, checkpoint, device) -> None:
+def convert(ws: Workspace, source, output, singer, reference, blend, pitch_shift, model_uri, checkpoint, device,
+            deterministic, seed) -> None:
     """Re-sing SOURCE with a target timbre using the production model; writes 32 kHz audio to OUTPUT."""
     from svc_model.audio import AudioError
     from svc_model.infer import Converter
@@ -431,7 +436,8 @@ def convert(ws: Workspace, source, output, singer, reference, blend, pitch_shift
                 bar.total = total
                 bar.update(done - bar.n)
 
-            result = converter.convert(source, target, pitch_shift, progress=progress)
+            result = converter.convert(source, target, pitch_shift, deterministic=deterministic, seed=seed,
+                                       progress=progress)
     except (AudioError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     from svc_model.audio import write_audio

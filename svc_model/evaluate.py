@@ -118,8 +118,32 @@ def evaluate(converter, rows: pd.DataFrame, max_segments_per_singer: int = 2, lo
     return EvaluationResult(pairs, per_singer, overall, similarity, examples)
 
 
-def write_report(result: EvaluationResult, out_dir, title: str = "Evaluation") -> dict[str, str]:
-    """``report.md`` + ``report.html`` with tables, ``f0_overlays.png`` and ``similarity.png``; returns paths."""
+def gates(overall: dict[str, float], cfg) -> dict[str, tuple[bool, float]]:
+    """The evaluation's pass/fail checks (``cfg``: :class:`~svc_model.config.EvaluationConfig`):
+    ``{check: (passed, value)}``. Promotion requires all of them."""
+    return {
+        "f0_corr": (overall["f0_corr"] >= cfg.min_f0_corr, overall["f0_corr"]),
+        "f0_rmse": (overall["f0_rmse_cents"] <= cfg.max_f0_rmse_cents, overall["f0_rmse_cents"]),
+        "vuv_error": (overall["vuv_error"] <= cfg.max_vuv_error, overall["vuv_error"]),
+        "timbre_transfer": ((overall["similarity_gap"] > 0) or not cfg.require_timbre_transfer,
+                            overall["similarity_gap"]),
+        "reconstruction": (overall["reconstruction_mel"] <= cfg.max_reconstruction_mel,
+                           overall["reconstruction_mel"]),
+    }
+
+
+def similarity_caveat(cfg) -> str | None:
+    """When the model was trained against the encoder that scores similarity, its similarity figures flatter it."""
+    if cfg.train.loss_weights.output_similarity > 0:
+        return (f"Caution: this model was trained with the output-similarity loss (weight "
+                f"{cfg.train.loss_weights.output_similarity:g}) against {cfg.features.speaker.backend}, the encoder "
+                f"that measures speaker similarity in this report; its similarity figures are not independent.")
+    return None
+
+
+def write_report(result: EvaluationResult, out_dir, title: str = "Evaluation", note: str | None = None) -> dict[str, str]:
+    """``report.md`` + ``report.html`` with tables, ``f0_overlays.png`` and ``similarity.png``; returns paths.
+    ``note`` goes under the title (e.g. :func:`similarity_caveat`)."""
     from pathlib import Path
 
     import matplotlib
@@ -156,7 +180,8 @@ def write_report(result: EvaluationResult, out_dir, title: str = "Evaluation") -
     fig.savefig(out / "similarity.png", dpi=90)
     plt.close(fig)
     overall = pd.DataFrame([result.overall]).T.rename(columns={0: "value"})
-    md = (f"# {title}\n\n## Overall\n\n{overall.to_markdown(floatfmt='.4f')}\n\n## Per target singer\n\n"
+    caveat = f"{note}\n\n" if note else ""
+    md = (f"# {title}\n\n{caveat}## Overall\n\n{overall.to_markdown(floatfmt='.4f')}\n\n## Per target singer\n\n"
           f"{result.per_singer.to_markdown(floatfmt='.4f')}\n\n## Similarity matrix\n\n"
           f"{result.similarity.to_markdown(floatfmt='.3f')}\n\n![similarity](similarity.png)\n\n"
           f"## f0 overlays\n\n![f0](f0_overlays.png)\n")

@@ -154,6 +154,7 @@ evaluation:
   max_f0_rmse_cents: 100000
   max_vuv_error: 1.0
   require_timbre_transfer: false
+  max_reconstruction_mel: 100.0
 """
 
 

@@ -260,3 +260,37 @@ def test_bad_conversion_inputs_give_clear_errors(converter, tmp_path):
         converter.convert(str(empty), "alto", 0)
     with pytest.raises(ValueError, match="pitch_shift must be a number"):
         converter.convert(audio, "alto", "up", source_sr=32000)
+
+
+def test_the_report_flags_similarity_measured_with_the_encoder_the_model_was_trained_against(tmp_path):
+    # Fails if a model trained with the output-similarity loss gets a report whose similarity figures look
+    # independent (the evaluation scores with the same resemblyzer the loss pulled towards).
+    import pandas as pd
+
+    from svc_model.evaluate import EvaluationResult, similarity_caveat, write_report
+
+    cfg = _cfg()
+    assert similarity_caveat(cfg) is None
+    weights = cfg.train.loss_weights.model_copy(update={"output_similarity": 1.0})
+    trained_against = cfg.model_copy(update={"train": cfg.train.model_copy(update={"loss_weights": weights})})
+    note = similarity_caveat(trained_against)
+    assert "resemblyzer" in note and "not independent" in note
+    frame = pd.DataFrame({"f0_corr": [0.9]}, index=["alto"])
+    result = EvaluationResult(pairs=frame, per_singer=frame, overall={"f0_corr": 0.9},
+                              similarity=pd.DataFrame([[1.0]], index=["alto"], columns=["alto"]))
+    paths = write_report(result, tmp_path, note=note)
+    assert note in (tmp_path / "report.md").read_text() and paths["markdown"]
+
+
+def test_the_real_evaluation_gates_fail_an_untrained_model(tiny_manifest, tmp_path):
+    # The tiny profile's own thresholds (not the tests' lenient ones). Fails if the gates pass a model that never
+    # trained: its NSF source alone sings in tune (f0 correlation ~0.99), so only the reconstruction gate can see
+    # it; a gate set without it (as before) would promote noise.
+    from svc_model.evaluate import evaluate, gates
+
+    path = _trainer(tiny_manifest, tmp_path).save_checkpoint()
+    result = evaluate(Converter.from_checkpoint(path), tiny_manifest, 1, log=lambda _: None)
+    outcomes = gates(result.overall, load_config("tiny").evaluation)
+    assert outcomes["f0_corr"][0], "the untrained model follows the pitch (why pitch gates are not enough)"
+    assert not outcomes["reconstruction"][0], outcomes["reconstruction"]
+    assert not all(ok for ok, _ in outcomes.values())
