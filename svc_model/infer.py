@@ -135,7 +135,9 @@ class Converter:
         f0s = [(w / total, self.singers[n].median_f0) for n, w in weights.items() if self.singers[n].median_f0 > 0]
         median = math.exp(sum(w * math.log(f) for w, f in f0s) / sum(w for w, _ in f0s)) if f0s else 0.0
         name = "+".join(f"{n}:{w / total:.2f}" for n, w in weights.items())
-        return ResolvedTarget(name, (mixed / np.linalg.norm(mixed)).astype(np.float32), median)
+        if not self.speaker_encoder.startswith("mozilla-lstm"):  # unit-norm encoders; the anchor's stays a mean
+            mixed = mixed / np.linalg.norm(mixed)
+        return ResolvedTarget(name, mixed.astype(np.float32), median)
 
     def _reference(self, path: Path) -> ResolvedTarget:
         from svc_model.train import check_speaker_encoder
