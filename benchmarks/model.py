@@ -4,10 +4,11 @@
 
 Each row runs in its own process so its peak RSS is its own. Training steps use random tensors of the
 profile's shapes (batch_size x max_frames, a decoder crop of segment_size samples) through the full step:
-generator, both discriminators, all seven loss terms, both optimizers. Conversion runs on a real recording
-(examples/voices/speaker-d/57.flac, repeated to --seconds); "features included" adds pitch, PPG and vec
-extraction with the profile's extractors (random weights where no weights exist here: HuBERT, and Whisper
-large-v2 for base).
+generator (with the speaker classifier), the three discriminator families, every loss term, both optimizers; on
+CUDA also the peak GPU memory. Conversion runs on a real recording (examples/voices/speaker-d/57.flac, repeated to
+--seconds); "features included" adds pitch, PPG and vec extraction with the profile's extractors (seeded random
+weights where no weights exist here: hubert-soft and Whisper large-v2 for base; resemblyzer stands in for base's
+mozilla-lstm).
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def _random_batch(cfg, torch):
     f0 = torch.full((t.batch_size, frames), 180.0)
     f0[:, :10] = 0
     return {"audio": 0.1 * torch.randn(t.batch_size, frames * cfg.spectrogram.hop), "f0": f0,
-            "ppg": torch.randn(t.batch_size, m.ppg_dim, frames), "vec": torch.randn(t.batch_size, m.vec_dim, frames),
+            "ppg": torch.randn(t.batch_size, m.ppg_dim, frames),
+            "vec": torch.randn(t.batch_size, m.vec_dim, frames) if m.vec_dim else None,
             "speaker": torch.nn.functional.normalize(torch.randn(t.batch_size, m.spk_dim), dim=-1),
             "lengths": torch.full((t.batch_size,), frames, dtype=torch.long)}
 
@@ -58,7 +60,7 @@ def bench_train(profile: str, device: str, steps: int) -> str:
                               "duration_s": 1.0}])
     import svc_model.train as train_mod
 
-    train_mod.singer_table = lambda m: {}
+    train_mod.singer_table = lambda *args: {}
     trainer = Trainer(cfg, manifest, tmp / "run", device=device, tensorboard=False, log=lambda _: None)
     batch = _random_batch(cfg, torch)
     trainer.train_step(batch)  # warm-up
@@ -69,9 +71,10 @@ def bench_train(profile: str, device: str, steps: int) -> str:
         torch.cuda.synchronize()
     per_step = (time.perf_counter() - started) / steps
     t = cfg.train
+    gpu = f", GPU peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device == "cuda" else ""
     return (f"| train | {profile} | {count_parameters(trainer.generator) / 1e6:.1f}M G + "
             f"{count_parameters(trainer.discriminator) / 1e6:.1f}M D | batch {t.batch_size} x {t.max_frames} frames, "
-            f"crop {t.segment_size} | {per_step:.2f} s/step | {peak_rss_mb():.0f} |")
+            f"crop {t.segment_size} | {per_step:.2f} s/step{gpu} | {peak_rss_mb():.0f} |")
 
 
 def bench_convert(profile: str, device: str, seconds: float) -> str:
@@ -86,9 +89,8 @@ def bench_convert(profile: str, device: str, seconds: float) -> str:
     cfg = load_config(profile)
     features = cfg.features.model_copy(update={
         "device": device,
-        "vec": cfg.features.vec.model_copy(update={"pretrained": False, "random_hidden_size": 768,
-                                                    "random_layers": 12, "layer": 9})
-        if profile == "base" else cfg.features.vec,
+        # base: hubert-soft's full architecture with seeded random weights (the real file is not here offline)
+        "vec": cfg.features.vec.model_copy(update={"pretrained": False}) if profile == "base" else cfg.features.vec,
         "ppg": cfg.features.ppg.model_copy(update={"pretrained": False}) if profile == "base" else cfg.features.ppg,
         # base's mozilla-lstm needs best_model.pth.tar, which is not here offline: time resemblyzer instead
         "speaker": cfg.features.speaker.model_copy(update={"backend": "resemblyzer"})})
@@ -105,7 +107,7 @@ def bench_convert(profile: str, device: str, seconds: float) -> str:
     total = time.perf_counter() - started
     frames = len(audio) // 320
     x = dict(ppg=torch.randn(1, cfg.model.ppg_dim, frames, device=device),
-             vec=torch.randn(1, cfg.model.vec_dim, frames, device=device),
+             vec=torch.randn(1, cfg.model.vec_dim, frames, device=device) if cfg.model.vec_dim else None,
              f0=torch.full((1, frames), 150.0, device=device), speaker=torch.randn(1, 256, device=device))
     model.infer(**{k: v[..., :100] if k != "speaker" else v for k, v in x.items()})
     started = time.perf_counter()

@@ -232,3 +232,12 @@ def test_gan_losses_average_over_sub_discriminators_as_the_anchor():
     real = [[torch.zeros(2, 3)], [torch.zeros(2, 3)]]
     fake = [[torch.ones(2, 3)], [torch.ones(2, 3)]]
     assert float(feature_matching_loss(real, fake)) == pytest.approx(1.0)
+
+
+def test_discriminator_gradients_stay_finite_on_a_saturated_output():
+    # A generator output stuck at tanh's +1 has exactly-zero STFT bins; sqrt(re^2 + im^2) then back-propagates NaN
+    # (this stopped a 2e-4 training at step 259). The anchor's norm over (re, im) gives 0 there.
+    disc = Discriminator(M.mpd_periods, M.mrd_resolutions, M.mpd_channels, M.mrd_channels, M.msd_channels)
+    y_hat = torch.ones(2, 1, 6400, requires_grad=True)
+    generator_adversarial_loss([score for _, score in disc(y_hat)]).backward()
+    assert torch.isfinite(y_hat.grad).all()

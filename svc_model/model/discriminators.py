@@ -65,7 +65,9 @@ class ResolutionDiscriminator(nn.Module):
         x = F.pad(x.float(), (pad, pad), mode="reflect").squeeze(1)
         spec = torch.stft(x, self.n_fft, self.hop, self.win, self.window.to(x.device), center=False,
                           return_complex=True)
-        mag = torch.sqrt(spec.real ** 2 + spec.imag ** 2)
+        # The anchor's torch.norm over (re, im): unlike sqrt(re^2 + im^2) its gradient at an all-zero bin is 0, not
+        # NaN (a saturated, constant output frame has exactly-zero bins).
+        mag = torch.linalg.vector_norm(torch.view_as_real(spec), dim=-1)
         return _conv_stack(self.convs, self.conv_post, mag.unsqueeze(1), 0.2)
 
 
