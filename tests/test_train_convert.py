@@ -294,3 +294,17 @@ def test_the_real_evaluation_gates_fail_an_untrained_model(tiny_manifest, tmp_pa
     assert outcomes["f0_corr"][0], "the untrained model follows the pitch (why pitch gates are not enough)"
     assert not outcomes["reconstruction"][0], outcomes["reconstruction"]
     assert not all(ok for ok, _ in outcomes.values())
+
+
+def test_the_learning_rate_decays_per_epoch_and_fine_tuning_starts_lower(trained, tiny_manifest, tmp_path):
+    # Fails if the decay runs per step (0.999875 per step leaves 8% after 20k steps; the anchor decays per epoch)
+    # or if fine-tuning starts at the from-scratch rate instead of the anchor's 5e-5.
+    scratch = _trainer(tiny_manifest, tmp_path / "scratch")
+    t = scratch.cfg.train
+    n, bs = len(scratch.dataset), t.batch_size
+    last_of_first_epoch = (n - 1) // bs  # its batch still lies within the first pass
+    assert scratch.learning_rate(0) == scratch.learning_rate(last_of_first_epoch) == t.learning_rate
+    first_of_tenth = -(-10 * n // bs)
+    assert scratch.learning_rate(first_of_tenth) == pytest.approx(t.learning_rate * t.lr_decay ** 10)
+    fine = _trainer(tiny_manifest, tmp_path / "fine", init_from=trained[1].checkpoint)
+    assert fine.learning_rate(0) == t.fine_tune_learning_rate < t.learning_rate
