@@ -5,8 +5,9 @@ from typing import Optional
 
 import dagster as dg
 
+from assets.resources import WorkspaceResource
 from assets.training import svc_checkpoint
-from orchestration.resources import WorkspaceResource
+from svc_model.storage import atomic_write_text
 
 CHECKS = {
     "f0_corr": "f0 correlation between shifted source and output at least evaluation.min_f0_corr",
@@ -37,9 +38,9 @@ def _latest_version_meta(context) -> dict:
 def evaluation_report(context: dg.AssetExecutionContext, workspace: WorkspaceResource) -> dg.MaterializeResult:
     import pandas as pd
 
+    from assets import tracking
+    from assets.promotion import EVAL_FAILED_CHECKS, EVAL_PASSED
     from assets.training import PATH_COLUMNS
-    from orchestration import tracking
-    from orchestration.promotion import EVAL_FAILED_CHECKS, EVAL_PASSED
     from svc_model.evaluate import evaluate, gates, similarity_caveat, write_report
     from svc_model.infer import Converter
 
@@ -66,11 +67,8 @@ def evaluation_report(context: dg.AssetExecutionContext, workspace: WorkspaceRes
     report_dir = ws.asset_dir("evaluation_report")
     # DVC metrics (dvc.yaml declares metrics/evaluation.json); written atomically.
     metrics_file = ws.root / "metrics" / "evaluation.json"
-    metrics_file.parent.mkdir(exist_ok=True)
-    tmp = metrics_file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"model_version": int(version), "passed": passed,
-                               **{k: round(v, 6) for k, v in o.items()}}, indent=2))
-    tmp.replace(metrics_file)
+    atomic_write_text(metrics_file, json.dumps({"model_version": int(version), "passed": passed,
+                                                **{k: round(v, 6) for k, v in o.items()}}, indent=2))
     for key, value in o.items():
         client.log_metric(run_id, f"eval/{key}", float(value))
     client.log_artifacts(run_id, str(report_dir), artifact_path="evaluation")
@@ -113,7 +111,7 @@ class PromotionConfig(dg.Config):
 )
 def production_model(context: dg.AssetExecutionContext, config: PromotionConfig,
                      workspace: WorkspaceResource) -> dg.MaterializeResult:
-    from orchestration.promotion import PromotionError, promote
+    from assets.promotion import PromotionError, promote
 
     ws = workspace.get()
     try:

@@ -6,8 +6,8 @@ and report metadata and checks.
 """
 import dagster as dg
 
-from orchestration.partitions import singers_partitions
-from orchestration.resources import FeatureExtractorsResource, WorkspaceResource
+from assets.partitions import singers_partitions
+from assets.resources import FeatureExtractorsResource, WorkspaceResource
 
 # Bump a version when that asset's output for the same input would change.
 CODE_VERSIONS = {"pitch": "1", "ppg": "2", "vec": "2", "speaker_embedding": "1"}

@@ -4,8 +4,8 @@ import time
 
 import dagster as dg
 
-from orchestration.partitions import SINGERS, singers_partitions
-from orchestration.resources import WorkspaceResource
+from assets.partitions import SINGERS, roster_version, singers_partitions
+from assets.resources import WorkspaceResource
 
 # Bump when clean_audio's output for the same input would change.
 CLEAN_AUDIO_VERSION = "1"
@@ -37,7 +37,6 @@ def raw_recordings(context) -> dg.DataVersionsByPartition:
     "a singer marks the training set as needing a rebuild before any feature is computed.",
 )
 def singer_roster(context) -> dg.DataVersion:
-    from orchestration.singers import roster_version
 
     return dg.DataVersion(roster_version(context.instance.get_dynamic_partitions(SINGERS)))
 

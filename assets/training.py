@@ -4,7 +4,7 @@ from typing import Optional
 
 import dagster as dg
 
-from orchestration.resources import WorkspaceResource
+from assets.resources import WorkspaceResource
 
 PATH_COLUMNS = ("audio", "pitch", "ppg", "vec", "speaker")
 
@@ -18,8 +18,8 @@ PATH_COLUMNS = ("audio", "pitch", "ppg", "vec", "speaker")
     "(a hash of the segment id, so adding a singer reshuffles nothing).",
 )
 def training_set(context: dg.AssetExecutionContext, workspace: WorkspaceResource) -> dg.MaterializeResult:
-    from orchestration.partitions import SINGERS
-    from orchestration.training import training_manifest
+    from assets.partitions import SINGERS
+    from assets.training_set import training_manifest
 
     ws = workspace.get()
     singers = sorted(set(context.instance.get_dynamic_partitions(SINGERS)) & set(ws.singers()))
@@ -68,8 +68,8 @@ def svc_checkpoint(context: dg.AssetExecutionContext, config: TrainingConfig,
     import pandas as pd
 
     import mlflow
-    from orchestration import tracking
-    from orchestration.pretrained import resolve_start_point
+    from assets import tracking
+    from assets.pretrained import resolve_start_point
     from svc_model.train import Trainer
 
     ws = workspace.get()

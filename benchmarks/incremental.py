@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from assets.workspace import init_workspace  # noqa: E402
 from orchestration.build import build, open_instance  # noqa: E402
 from orchestration.singers import add_singer  # noqa: E402
-from orchestration.workspace import init_workspace  # noqa: E402
 
 VOICES = Path(__file__).resolve().parent.parent / "examples" / "voices"
 SPEAKERS = ["speaker-a", "speaker-b", "speaker-c", "speaker-d"]

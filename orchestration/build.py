@@ -7,10 +7,10 @@ from typing import Callable, Iterable
 
 import dagster as dg
 
-from orchestration.partitions import SINGERS
+from assets.partitions import SINGERS
+from assets.workspace import Workspace
 from orchestration.jobs import PER_SINGER_ASSETS, TRAINING_ASSETS
 from orchestration.singers import plan_singer_sync, register_singer
-from orchestration.workspace import Workspace
 
 
 def open_instance(ws: Workspace) -> dg.DagsterInstance:
@@ -163,7 +163,7 @@ def materialize_training(ws: Workspace, *, steps: int | None = None, fine_tune: 
     """Run training_set, svc_checkpoint, evaluation_report (and ``extra_assets``) in one in-process run.
 
     ``start_from``: auto (production, else base, else scratch) | production | base | scratch; ``fine_tune`` is
-    the older flag for production (see :func:`orchestration.pretrained.resolve_start_point`).
+    the older flag for production (see :func:`assets.pretrained.resolve_start_point`).
 
     ``tags`` are added to the run's tags, so a launcher (the studio) can find its run in the instance.
 

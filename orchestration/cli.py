@@ -10,7 +10,8 @@ from pathlib import Path
 
 import click
 
-from orchestration.workspace import PROJECT_ROOT, Workspace, WorkspaceError, init_workspace
+from assets.workspace import PROJECT_ROOT, Workspace, WorkspaceError, init_workspace
+from svc_model.storage import atomic_write_text
 
 DEMO_VOICES_DIR = PROJECT_ROOT / "examples" / "voices"
 DEMO_SINGERS = ["speaker-a", "speaker-b", "speaker-c"]  # speaker-d is kept back for the incremental rebuild
@@ -226,7 +227,7 @@ def train(ws: Workspace, steps, start_from, fine_tune, from_scratch, device, loc
     if fine_tune and start_from != "auto":
         _fail(f"--fine-tune contradicts --start-from {start_from}")
     if local_name:
-        from orchestration.training import train_workspace
+        from assets.training_set import train_workspace
 
         result, run_dir = train_workspace(ws, name=local_name, steps=steps, init_from=init_from, fresh=fresh,
                                           device=device, log=click.echo)
@@ -253,7 +254,7 @@ def train(ws: Workspace, steps, start_from, fine_tune, from_scratch, device, loc
 @with_workspace
 def models(ws: Workspace) -> None:
     """List registered model versions with their key metrics and aliases."""
-    from orchestration import tracking
+    from assets import tracking
 
     versions = tracking.model_versions(ws)
     if not versions:
@@ -299,7 +300,7 @@ def _parse_speakers(items: tuple[str, ...]) -> dict[str, str]:
 def pretrained_import(ws: Workspace, file: str, alias: str, speakers: tuple[str, ...]) -> None:
     """Check FILE (a whisper-vits-svc sovits5.0.pretrain.pth, or a singer model from its svc_export.py) key by key,
     convert it once to this project's checkpoint format, and register it as a new model version with an alias."""
-    from orchestration.pretrained import import_pretrained
+    from assets.pretrained import import_pretrained
 
     click.echo(f"reading {file} (torch.load weights_only=True: tensors only, no code runs)")
     report = import_pretrained(ws, file, alias, _parse_speakers(speakers))
@@ -330,7 +331,7 @@ def pretrained_import(ws: Workspace, file: str, alias: str, speakers: tuple[str,
 def pretrained_download(ws: Workspace, name: str) -> None:
     """Download a published whisper-vits-svc model (NAME: sovits5.0) into models/pretrained/, then import it with
     `svc pretrained import`."""
-    from orchestration.pretrained import models_dir
+    from assets.pretrained import models_dir
     from svc_model.pretrained import download_published
 
     path = download_published(name, models_dir(ws))
@@ -345,9 +346,9 @@ def pretrained_download(ws: Workspace, name: str) -> None:
 @with_workspace
 def promote(ws: Workspace, version, force, reason, rollback) -> None:
     """Point the registry alias 'production' at VERSION (default: the 'candidate')."""
-    from orchestration.promotion import PromotionError
-    from orchestration.promotion import promote as do_promote
-    from orchestration.promotion import rollback as do_rollback
+    from assets.promotion import PromotionError
+    from assets.promotion import promote as do_promote
+    from assets.promotion import rollback as do_rollback
 
     try:
         done = do_rollback(ws) if rollback else do_promote(ws, version, force=force, reason=reason)
@@ -358,7 +359,7 @@ def promote(ws: Workspace, version, force, reason, rollback) -> None:
 
 def _registry_checkpoint(ws: Workspace, model_uri: str | None) -> tuple[Path, str]:
     """The checkpoint behind ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` (default: production)."""
-    from orchestration import tracking
+    from assets import tracking
 
     name = ws.settings.registered_model_name
     uri = model_uri or f"models:/{name}@{tracking.PRODUCTION}"
@@ -508,8 +509,8 @@ DEMO_FORCE_REASON = ("offline CPU demo: the tiny profile trains for minutes on t
 
 def _demo_promote(ws: Workspace) -> str:
     """Promote the candidate; where the rules refuse it, show why and force it with a recorded reason."""
-    from orchestration import tracking
-    from orchestration.promotion import PromotionError, promote
+    from assets import tracking
+    from assets.promotion import PromotionError, promote
 
     production = tracking.alias_version(ws, tracking.PRODUCTION)
     if production is not None:  # a person promotes later candidates (the last act leaves one)
@@ -592,7 +593,7 @@ def demo(ctx: click.Context, workspace_dir: str | None, train_steps: int | None,
     """Offline CPU demo: three bundled voices through Dagster (clean audio, features), a tiny model trained on the
     CPU, a held-back voice converted into each singer; then the fourth voice is added, only its partitions are
     built, and the model is fine-tuned into a 'candidate' version."""
-    from orchestration import tracking
+    from assets import tracking
     from orchestration.build import asset_status, open_instance
     from orchestration.build import build as run_build
     from orchestration.definitions import build_definitions
@@ -654,7 +655,7 @@ def _demo_add_singer(ws: Workspace, instance, *, full_build_s: float | None, fin
     """The incremental path: add the fourth voice, build only its partitions, fine-tune into a 'candidate'."""
     import json
 
-    from orchestration import tracking
+    from assets import tracking
     from orchestration.build import asset_status
     from orchestration.build import build as run_build
     from orchestration.definitions import build_definitions
@@ -664,9 +665,7 @@ def _demo_add_singer(ws: Workspace, instance, *, full_build_s: float | None, fin
     recorded = json.loads(timings.read_text()) if timings.is_file() else {}
     if full_build_s is not None and DEMO_NEW_SINGER not in ws.singers():
         recorded["full_build_s"] = round(full_build_s, 1)  # the first build, of the three first singers
-        timings.parent.mkdir(parents=True, exist_ok=True)
-        timings.with_suffix(".tmp").write_text(json.dumps(recorded))
-        timings.with_suffix(".tmp").replace(timings)
+        atomic_write_text(timings, json.dumps(recorded))
     if DEMO_NEW_SINGER in ws.singers():
         click.echo(f"singer {DEMO_NEW_SINGER!r} already added (reusing)")
     else:

@@ -10,11 +10,11 @@ import dagster as dg
 from assets.evaluation import evaluation_report, production_model
 from assets.features import frames_aligned, pitch, ppg, speaker_embedding, vec
 from assets.ingest import clean_audio, raw_recordings, singer_roster
+from assets.resources import FeatureExtractorsResource, WorkspaceResource
 from assets.training import svc_checkpoint, training_set
+from assets.workspace import Workspace
 from orchestration.jobs import build_singer_job, promote_job, train_job
-from orchestration.resources import FeatureExtractorsResource, WorkspaceResource
 from orchestration.sensors import singer_sensor
-from orchestration.workspace import Workspace
 
 ASSETS = [raw_recordings, singer_roster, clean_audio, pitch, ppg, vec, speaker_embedding, training_set, svc_checkpoint,
           evaluation_report, production_model]

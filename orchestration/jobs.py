@@ -1,7 +1,7 @@
 """Jobs: what a sensor or a person launches as one run."""
 import dagster as dg
 
-from orchestration.partitions import singers_partitions
+from assets.partitions import singers_partitions
 
 # Every asset partitioned by singer, in graph order. A new singer needs exactly these runs.
 PER_SINGER_ASSETS = ["clean_audio", "pitch", "ppg", "vec", "speaker_embedding"]

@@ -8,8 +8,8 @@ Changed recordings likewise only need a new observation of ``raw_recordings``.
 
 import dagster as dg
 
-from orchestration.partitions import SINGERS, singers_partitions
-from orchestration.resources import WorkspaceResource
+from assets.partitions import SINGERS, singers_partitions
+from assets.resources import WorkspaceResource
 from orchestration.singers import plan_singer_sync, raw_recordings_observation, roster_observation
 
 

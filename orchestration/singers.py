@@ -15,8 +15,8 @@ from typing import Callable, Iterable
 
 import dagster as dg
 
-from orchestration.partitions import SINGERS
-from orchestration.workspace import Workspace, WorkspaceError, validate_singer_name
+from assets.partitions import SINGERS, roster_version
+from assets.workspace import Workspace, WorkspaceError, validate_singer_name
 
 RAW_RECORDINGS = dg.AssetKey("raw_recordings")
 SINGER_ROSTER = dg.AssetKey("singer_roster")
@@ -31,10 +31,6 @@ def raw_recordings_observation(singer: str, version: str) -> dg.AssetObservation
         tags={DATA_VERSION_TAG: version},
         metadata={"dvc_md5": version, "dvc_file": f"data/raw/{singer}.dvc"},
     )
-
-
-def roster_version(singers: Iterable[str]) -> str:
-    return hashlib.md5("\n".join(sorted(singers)).encode()).hexdigest()[:16]
 
 
 def roster_observation(singers: Iterable[str]) -> dg.AssetObservation:

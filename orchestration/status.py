@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 import dagster as dg
 
+from assets.partitions import SINGERS
+from assets.workspace import Workspace
 from orchestration.jobs import PER_SINGER_ASSETS, TRAINING_ASSETS
-from orchestration.partitions import SINGERS
-from orchestration.workspace import Workspace
 
 
 @dataclass
@@ -42,7 +42,7 @@ class WorkspaceStatus:
 
 
 def workspace_status(ws: Workspace, instance: dg.DagsterInstance | None = None) -> WorkspaceStatus:
-    from orchestration import tracking
+    from assets import tracking
     from orchestration.build import open_instance, status_resolver
     from orchestration.definitions import build_definitions
     from svc_model.audio import is_audio_file

@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 
 import pandas as pd
 
-from orchestration.workspace import Workspace, WorkspaceError, validate_singer_name
+from assets.workspace import Workspace, WorkspaceError, validate_singer_name
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class Studio:
     # ---- Convert tab -----------------------------------------------------------------------------------------
     def model_choices(self) -> list[tuple[str, str]]:
         """``(label, value)`` for the model picker: the aliases first, then every registered version."""
-        from orchestration import tracking
+        from assets import tracking
 
         versions = tracking.model_versions(self.ws)
         choices = []
@@ -132,7 +132,7 @@ class Studio:
         return choices + [(f"version {v.version}", str(v.version)) for v in reversed(versions)]
 
     def _model_version(self, model: str):
-        from orchestration import tracking
+        from assets import tracking
 
         name = self.ws.settings.registered_model_name
         if model in (tracking.PRODUCTION, tracking.CANDIDATE):
@@ -150,7 +150,7 @@ class Studio:
 
     def converter(self, model: str = "production"):
         """The converter for ``model`` (an alias or a version number) and a label naming the version."""
-        from orchestration import tracking
+        from assets import tracking
         from svc_model.infer import Converter
 
         mv = self._model_version(model)
@@ -304,7 +304,7 @@ class Studio:
 
         Training shares no process with the feature extractors, whose thread pools would compete for the cores.
         Returns the launch token, the value of the run's ``svc/studio_launch`` tag."""
-        from orchestration import tracking
+        from assets import tracking
         from orchestration.status import workspace_status
 
         if self._launch is not None and self._launch.process.poll() is None:
@@ -365,7 +365,7 @@ class Studio:
     def _run_view(self, run, launch: TrainingLaunch | None, exit_code: int | None) -> TrainingView:
         import dagster as dg
 
-        from orchestration import tracking
+        from assets import tracking
 
         config = (run.run_config or {}).get("ops", {}).get("svc_checkpoint", {}).get("config", {})
         start = config.get("start_from", "scratch")  # runs from before start_from trained from scratch by default
@@ -404,8 +404,8 @@ class Studio:
 
     def _add_evaluation(self, view: TrainingView, mlflow_run) -> None:
         """The registered version the run made, its evaluation verdict and report, and whether it can be promoted."""
-        from orchestration import tracking
-        from orchestration.promotion import EVAL_FAILED_CHECKS, EVAL_PASSED
+        from assets import tracking
+        from assets.promotion import EVAL_FAILED_CHECKS, EVAL_PASSED
 
         if mlflow_run is None:
             return
@@ -433,7 +433,7 @@ class Studio:
             view.figures = [p for p in (report_dir / "f0_overlays.png", report_dir / "similarity.png") if p.is_file()]
 
     def _mlflow_run(self, dagster_run_id: str):
-        from orchestration import tracking
+        from assets import tracking
 
         found = tracking.client(self.ws).search_runs(
             [tracking.experiment_id(self.ws)], filter_string=f"tags.dagster_run_id = '{dagster_run_id}'", max_results=1)
@@ -451,7 +451,7 @@ class Studio:
 
     def promote(self, version: str | None, force: bool = False, reason: str | None = None) -> str:
         """``svc promote VERSION [--force --reason TEXT]``: the same rules, the same messages."""
-        from orchestration.promotion import PromotionError, promote
+        from assets.promotion import PromotionError, promote
 
         if not version:
             raise StudioError("No trained version to promote yet.")

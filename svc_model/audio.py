@@ -275,7 +275,6 @@ WRITE_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg":
 
 def write_audio(path: str | Path, audio: np.ndarray, sr: int) -> None:
     """Write mono audio, format from the suffix (16-bit WAV/FLAC, or Ogg Vorbis), atomically (temp + rename)."""
-    import os
 
     import soundfile as sf
 
@@ -283,13 +282,10 @@ def write_audio(path: str | Path, audio: np.ndarray, sr: int) -> None:
     if path.suffix.lower() not in WRITE_FORMATS:
         raise ValueError(f"{path}: cannot write {path.suffix!r}; use one of {', '.join(WRITE_FORMATS)}")
     fmt, subtype = WRITE_FORMATS[path.suffix.lower()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    from svc_model.storage import atomic_path
+
+    with atomic_path(path) as tmp:
         sf.write(str(tmp), np.clip(audio, -1.0, 1.0), sr, format=fmt, subtype=subtype)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_wav(path: str | Path) -> tuple[np.ndarray, int]:

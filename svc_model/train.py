@@ -83,11 +83,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def atomic_save(obj, path: Path) -> None:
-    """Write to a temp file in the same folder, then rename: a crash never leaves a truncated checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` through :func:`svc_model.storage.atomic_path`: a crash never leaves a truncated checkpoint."""
+    from svc_model.storage import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def latest_checkpoint(directory: Path) -> Path | None:

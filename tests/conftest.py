@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from orchestration.workspace import PROJECT_ROOT, Workspace, init_workspace
+from assets.workspace import PROJECT_ROOT, Workspace, init_workspace
 
 VOICES = PROJECT_ROOT / "examples" / "voices"
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import requests
 
+from assets.workspace import Workspace
 from orchestration.build import build, open_instance
 from orchestration.jobs import PER_SINGER_ASSETS
 from orchestration.singers import add_singer
-from orchestration.workspace import Workspace
 from tests.conftest import clip, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]

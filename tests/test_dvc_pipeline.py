@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from assets.workspace import DVC_REMOTE_DIR, DVC_REMOTE_NAME, Workspace, init_workspace
 from orchestration.build import open_instance
 from orchestration.singers import add_singer
 from orchestration.status import workspace_status
-from orchestration.workspace import DVC_REMOTE_DIR, DVC_REMOTE_NAME, Workspace, init_workspace
 from tests.conftest import LENIENT, clip, use_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]

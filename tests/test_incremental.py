@@ -7,13 +7,13 @@ import dagster as dg
 import pytest
 from click.testing import CliRunner
 
+from assets.workspace import Workspace, WorkspaceError
 from orchestration.build import build, materialize_training, open_instance, status_resolver
 from orchestration.cli import main
 from orchestration.definitions import ASSET_CHECKS, ASSETS, build_definitions
 from orchestration.jobs import PER_SINGER_ASSETS
 from orchestration.singers import add_singer, remove_singer
 from orchestration.status import workspace_status
-from orchestration.workspace import Workspace, WorkspaceError
 from tests.conftest import clip
 
 quiet = lambda _: None  # noqa: E731
@@ -163,11 +163,11 @@ def test_build_train_is_a_no_op_when_the_training_set_is_fresh(built):
 
 @pytest.mark.slow
 def test_build_train_fine_tunes_after_a_singer_is_added(built, voices_dir):
-    from orchestration import tracking
+    from assets import tracking
 
     ws, instance = built
     materialize_training(ws, steps=2, device="cpu", instance=instance)
-    from orchestration.promotion import promote
+    from assets.promotion import promote
 
     promote(ws, force=True, reason="test")
     production = tracking.alias_version(ws, tracking.PRODUCTION).version

@@ -18,7 +18,7 @@ import soundfile as sf
 import torch
 from click.testing import CliRunner
 
-from orchestration import tracking
+from assets import tracking
 from orchestration.cli import main
 from svc_model.pretrained import anchor_to_ours, ours_to_anchor, sha256_of
 from tests.conftest import LENIENT, clip, use_config
@@ -266,7 +266,7 @@ def test_download_writes_through_a_temp_file_and_verifies_a_known_sha256(workspa
 def test_a_model_that_does_not_fit_the_workspace_is_flagged_on_import_and_refused_as_start(workspace, tmp_path):
     # Catches: an import into a workspace whose features cannot feed the model passing silently, and training
     # that starts from a base of other widths (it would fail deep in a strict load, or mix embeddings).
-    from orchestration.pretrained import resolve_start_point
+    from assets.pretrained import resolve_start_point
 
     use_config(workspace.root)  # tiny: no vec path (vec_dim 0), resemblyzer
     reduced = workspace.config().model.model_copy(update={"vec_dim": 16})
@@ -292,8 +292,8 @@ def test_training_starts_from_base_then_from_production_and_converts(workspace, 
     # Dagster on a workspace whose features have its widths, and svc convert with the result gives finite audio
     # of the source's length. Catches: training that ignores base (or production once promoted), a missing or
     # wrong init_from tag on the run or the version, and a fine-tuned model that no longer converts.
+    from assets.promotion import promote
     from orchestration.build import build, materialize_training, open_instance
-    from orchestration.promotion import promote
     from orchestration.singers import add_singer
 
     reduced_workspace(workspace)

@@ -15,12 +15,12 @@ import pytest
 import soundfile as sf
 from click.testing import CliRunner
 
+from assets.promotion import promote
+from assets.workspace import init_workspace
 from orchestration.build import build, materialize_training, open_instance
 from orchestration.cli import main
-from orchestration.promotion import promote
 from orchestration.singers import add_singer
 from orchestration.studio import FINE_TUNE, FROM_SCRATCH, Studio, StudioError
-from orchestration.workspace import init_workspace
 from tests.conftest import clip, free_port, tone, use_config, write
 
 ARTIFACTS = Path(__file__).parent / "artifacts"  # screenshots of each tab (git-ignored; the README's come from here)

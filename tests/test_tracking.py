@@ -5,18 +5,18 @@ import json
 import os
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 import pytest
 import soundfile as sf
 from click.testing import CliRunner
 
-from orchestration import tracking
+import mlflow
+from assets import tracking
+from assets.promotion import PromotionError, promote, rollback
+from assets.workspace import init_workspace
 from orchestration.build import build, materialize_training, open_instance
 from orchestration.cli import main
-from orchestration.promotion import PromotionError, promote, rollback
 from orchestration.singers import add_singer
-from orchestration.workspace import init_workspace
 from svc_model.data import split_for
 from tests.conftest import clip, use_config
 
@@ -199,7 +199,7 @@ def test_fine_tuning_from_production_is_a_new_tracked_version(trained_ws):
 
 
 def test_training_set_split_is_stable_when_a_singer_is_added(trained_ws):
-    from orchestration.training import training_manifest
+    from assets.training_set import training_manifest
 
     ws, _ = trained_ws
     alone = training_manifest(ws, ["alto"]).set_index("segment_id")["split"]

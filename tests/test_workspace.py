@@ -10,10 +10,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from assets.partitions import SINGERS
+from assets.workspace import Workspace, WorkspaceError, validate_singer_name
 from orchestration.cli import main
-from orchestration.partitions import SINGERS
 from orchestration.singers import latest_observed_version
-from orchestration.workspace import Workspace, WorkspaceError, validate_singer_name
 from tests.conftest import clip, tone, write
 
 

@@ -17,8 +17,15 @@ from typing import Sequence
 
 import numpy as np
 
-from svc_model.features.base import (FEATURE_SR, HOP_50HZ, FeatureExtractor, MissingWeightsError, fit_frames,
-                                     frames_50hz, resolve)
+from svc_model.features.base import (
+    FEATURE_SR,
+    HOP_50HZ,
+    FeatureExtractor,
+    MissingWeightsError,
+    fit_frames,
+    frames_50hz,
+    resolve,
+)
 
 WHISPER_DIMS = {  # encoder sizes, for random-weight models of the same architecture (pretrained: false)
     "tiny": (384, 6, 4), "base": (512, 8, 6), "small": (768, 12, 12),

@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from orchestration import tracking
-from orchestration.workspace import Workspace
+from assets import tracking
+from assets.workspace import Workspace
 
 EVAL_PASSED = "eval.passed"
 EVAL_FAILED_CHECKS = "eval.failed_checks"

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 
-import mlflow
 import pandas as pd
+
+import mlflow
 
 
 class SVCModel(mlflow.pyfunc.PythonModel):

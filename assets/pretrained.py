@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestration.workspace import Workspace
+from assets.workspace import Workspace
 
 BASE = "base"
 RESERVED_ALIASES = ("production", "candidate", "latest")  # production/candidate move by promotion and evaluation
@@ -89,8 +89,8 @@ def import_pretrained(ws: Workspace, path: str | Path, alias: str = BASE,
 
     Nothing is written or registered unless every check passes."""
     import mlflow
-    from orchestration import tracking
-    from orchestration.workspace import validate_singer_name
+    from assets import tracking
+    from assets.workspace import validate_singer_name
     from svc_model.pretrained import (
         ANCHOR_SPEAKER_ENCODER,
         load_speaker_file,
@@ -135,7 +135,7 @@ def resolve_start_point(ws: Workspace, start_from: str = "auto", fine_tune: bool
     """auto: ``production`` if that alias exists, else ``base``, else scratch. ``fine_tune`` (the old flag) asks
     for production and falls back as auto does, with a warning. An explicit production/base that does not
     exist is an error. The starting model's shape-determining settings must equal the workspace config's."""
-    from orchestration import tracking
+    from assets import tracking
 
     if start_from not in START_POINTS:
         raise ValueError(f"start_from must be one of {', '.join(START_POINTS)}, got {start_from!r}")

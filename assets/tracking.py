@@ -9,7 +9,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from orchestration.workspace import EXPERIMENT_NAME, Workspace, init_mlflow
+from assets.workspace import EXPERIMENT_NAME, Workspace, init_mlflow
 from svc_model.train import TrainerCallback
 
 PRODUCTION = "production"
@@ -103,8 +103,7 @@ def register_checkpoint(ws: Workspace, run_id: str, checkpoint: Path, tags: dict
     import contextlib
 
     import mlflow
-
-    from orchestration import pyfunc_model
+    from assets import pyfunc_model
 
     mlflow.set_tracking_uri(ws.tracking_uri)
     mlflow.set_registry_uri(ws.tracking_uri)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from orchestration.workspace import Workspace
+from assets.workspace import Workspace
 
 
 class WorkspaceResource(dg.ConfigurableResource):

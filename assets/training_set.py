@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from orchestration.workspace import Workspace
+from assets.workspace import Workspace
 
 FEATURE_ASSETS = ("pitch", "ppg", "vec", "speaker_embedding")
 

@@ -6,18 +6,17 @@ Definitions load it cheaply.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
 import subprocess
 import sys
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import yaml
+
+from svc_model.storage import atomic_dir
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 WORKSPACE_FILE = "svc.yaml"
@@ -282,29 +281,6 @@ class Workspace:
         dagster_yaml = self.dagster_home / "dagster.yaml"
         if not dagster_yaml.exists():
             dagster_yaml.write_text(DAGSTER_YAML)
-
-
-@contextlib.contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield an empty temp folder beside ``final``; on success it replaces ``final`` in one rename.
-
-    On any exception the temp folder is removed and the previous ``final`` (if any) is untouched.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if final.exists():
-        old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
-        final.rename(old)
-    tmp.rename(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def init_workspace(root: str | Path, config: str = "tiny") -> Workspace:
