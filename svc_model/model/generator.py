@@ -141,14 +141,18 @@ class HarmonicSource(nn.Module):
         self.register_buffer("merge_b", torch.tensor(SOURCE_MERGE_BIAS))
 
     def forward(self, f0: torch.Tensor, deterministic: bool = False,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, start_phase: torch.Tensor | None = None) -> torch.Tensor:
         """``deterministic``: overtones start at phase 0 and no noise is added (tests, A/B listening).
-        Otherwise each overtone gets a random start phase and Gaussian noise is added, as in training."""
+        Otherwise each overtone gets a random start phase and Gaussian noise is added, as in training.
+        ``start_phase`` ``(B, harmonics)`` in cycles (float64) continues a source built earlier (streaming: see
+        :func:`advance_phase`); it replaces the start phases."""
         with torch.no_grad():
             harmonics = f0[:, :, None] * torch.arange(1, N_HARMONICS + 2, device=f0.device, dtype=f0.dtype)
             # Phase in float64: a float32 running sum drifts audibly over a whole track.
             steps = (harmonics.double() / self.sample_rate) % 1.0
-            if not deterministic:
+            if start_phase is not None:
+                steps[:, 0, :] = steps[:, 0, :] + start_phase.to(steps)
+            elif not deterministic:
                 offset = torch.rand(f0.shape[0], N_HARMONICS + 1, device=f0.device, dtype=torch.float64,
                                     generator=generator)
                 offset[:, 0] = 0
@@ -163,6 +167,15 @@ class HarmonicSource(nn.Module):
                                                         generator=generator)
         merged = torch.tanh(F.linear(sines, self.merge_w.to(sines.dtype), self.merge_b.to(sines.dtype)))
         return merged.transpose(1, 2)
+
+
+def advance_phase(start_phase: torch.Tensor, f0_frames: torch.Tensor, hop: int, sample_rate: int) -> torch.Tensor:
+    """Start phases ``(B, T, harmonics)`` of the frames after each of ``f0_frames`` (``(B, T)`` Hz, each held for
+    ``hop`` samples), for a source that began at ``start_phase`` ``(B, harmonics)``: what
+    :meth:`HarmonicSource.forward` accumulates, in closed form. The last row starts the next frame."""
+    k = torch.arange(1, N_HARMONICS + 2, device=f0_frames.device, dtype=torch.float64)
+    per_frame = (f0_frames.double()[:, :, None] * k / sample_rate) % 1.0 * hop
+    return (start_phase.double()[:, None, :] + torch.cumsum(per_frame, dim=1)) % 1.0
 
 
 class SpeakerAdapter(nn.Module):
@@ -218,10 +231,11 @@ class Generator(nn.Module):
                 conv.weight.mul_(source_init_gain)
 
     def source(self, f0: torch.Tensor, deterministic: bool = False,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, start_phase: torch.Tensor | None = None) -> torch.Tensor:
         """Frame-rate f0 ``(B, T)`` -> the excitation ``(B, 1, T * hop)``. Conversion builds it once per track
-        and slices it per chunk, so the sine phase runs on across chunk boundaries."""
-        return self.m_source(torch.repeat_interleave(f0, self.hop, dim=1), deterministic, generator)
+        and slices it per chunk, so the sine phase runs on across chunk boundaries; streaming passes the phase
+        carried from the previous block as ``start_phase``."""
+        return self.m_source(torch.repeat_interleave(f0, self.hop, dim=1), deterministic, generator, start_phase)
 
     def forward(self, z: torch.Tensor, speaker: torch.Tensor, f0: torch.Tensor | None = None,
                 source: torch.Tensor | None = None) -> torch.Tensor:

@@ -90,12 +90,14 @@ class SVCModel(nn.Module):
 
     @torch.no_grad()
     def infer(self, ppg, vec, f0, speaker, noise_scale: float = 0.0, lengths: torch.Tensor | None = None,
-              source: torch.Tensor | None = None, generator: torch.Generator | None = None):
+              source: torch.Tensor | None = None, generator: torch.Generator | None = None, decode_from: int = 0):
         """Convert: content and pitch of the source, timbre of ``speaker`` -> audio ``(B, 1, T * hop)``.
 
         ``noise_scale`` scales the prior's standard deviation (0 = its mean). ``source`` is a prebuilt harmonic
         excitation (see :meth:`Generator.source`); without one a deterministic source is built from ``f0``.
         With ``noise_scale=0`` and no random source the output is a pure function of the inputs.
+        ``decode_from``: decode only frames ``decode_from:`` (streaming: the prior and flow see the whole window
+        for context, the decoder only what is returned); ``source`` then covers those frames only.
         """
         if lengths is None:
             lengths = torch.full((ppg.shape[0],), ppg.shape[2], device=ppg.device, dtype=torch.long)
@@ -104,9 +106,10 @@ class SVCModel(nn.Module):
         noise = torch.randn(m_p.shape, generator=generator, device=m_p.device, dtype=m_p.dtype) if noise_scale else 0
         z_p = (m_p + noise * torch.exp(logs_p) * noise_scale) * mask
         z, _ = self.flow(z_p, mask, speaker, reverse=True)
+        z, f0 = (z * mask)[..., decode_from:], f0[..., decode_from:]
         if source is None:
             source = self.decoder.source(f0, deterministic=True)
-        return self.decoder(z * mask, speaker, source=source)
+        return self.decoder(z, speaker, source=source)
 
 
 def count_parameters(module: nn.Module) -> int:

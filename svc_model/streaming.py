@@ -1,0 +1,299 @@
+"""Streaming conversion: blocks of input samples in, blocks of converted samples out.
+
+The same :class:`~svc_model.infer.Converter` (checkpoint, singer table, extractors) as file conversion, driven block
+by block as RVC's real-time path is:
+
+- every block appends ``block_ms`` of input to a rolling window of ``context_s`` + block + crossfade + SOLA search;
+- pitch is extracted only for the new block plus ``pitch_margin_ms`` before it, and kept in a rolling cache (the
+  frames already returned are never recomputed, so the NSF phase built from them never changes);
+- Whisper (and HuBERT) are not streaming models: they run on the whole sliding window every block, and that is
+  most of the cost per block (see ``benchmarks/live.py``);
+- the prior encoder and flow see the whole window; the decoder synthesizes only the returned block, the crossfade
+  and the SOLA search, plus ``decoder_margin_frames`` of left context for its receptive field;
+- the NSF source's phase is carried from block to block (:func:`~svc_model.model.generator.advance_phase`), so a
+  sustained note does not click at the joins;
+- each new block's head is aligned with the tail held back from the last one by a SOLA search (the offset within
+  ``sola_search_ms`` that maximizes their normalized cross-correlation), then crossfaded over ``crossfade_ms``.
+
+Algorithmic latency = block + crossfade + SOLA search (300 ms at the defaults): a sample waits for the end of its
+block, and the crossfade and search window are held back for the next block's join.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from svc_model.audio import resample
+from svc_model.features.base import fit_frames
+
+MAX_PITCH_SHIFT = 48  # semitones; the file converter's limit too
+
+
+@dataclass
+class StreamConfig:
+    block_ms: int = 250
+    crossfade_ms: int = 40
+    sola_search_ms: int = 10
+    context_s: float = 2.0  # left context for Whisper/HuBERT and the prior encoder
+    pitch_margin_ms: int = 100  # extra input before the new block for the pitch extractor
+    decoder_margin_frames: int = 8  # left context for the decoder's receptive field (80 ms)
+    gate_db: float | None = None  # blocks quieter than this (RMS dBFS) pass as silence without running the model
+
+    def check(self) -> None:
+        for name in ("block_ms", "crossfade_ms", "sola_search_ms", "pitch_margin_ms"):
+            value = getattr(self, name)
+            if value % 10:
+                raise ValueError(f"{name} must be a multiple of 10 ms (the 10 ms frame), got {value}")
+        if self.block_ms < 20:
+            raise ValueError(f"block_ms must be at least 20 ms, got {self.block_ms}")
+        if self.crossfade_ms < 0 or self.sola_search_ms < 0 or self.crossfade_ms > self.block_ms:
+            raise ValueError(f"crossfade_ms ({self.crossfade_ms}) must be between 0 and block_ms ({self.block_ms}), "
+                             f"sola_search_ms ({self.sola_search_ms}) at least 0")
+        if not 0 <= self.context_s <= 30:
+            raise ValueError(f"context_s must be between 0 and 30 s, got {self.context_s}")
+
+    @property
+    def latency_ms(self) -> int:
+        """Algorithmic latency: the block, plus the crossfade and search window held back for the next join."""
+        return self.block_ms + self.crossfade_ms + self.sola_search_ms
+
+
+@dataclass
+class BlockStats:
+    index: int
+    compute_s: float
+    gated: bool
+    sola_offset: int  # samples
+    input_db: float
+
+
+@dataclass
+class StreamStats:
+    blocks: list[BlockStats] = field(default_factory=list)
+
+    def compute_ms(self, q: float) -> float:
+        times = [b.compute_s for b in self.blocks if not b.gated]
+        return float(np.percentile(times, q) * 1000) if times else 0.0
+
+
+def _rms_db(x: np.ndarray) -> float:
+    rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if len(x) else 0.0
+    return 20 * math.log10(rms) if rms > 0 else -math.inf
+
+
+def sola_offset(head: np.ndarray, tail: np.ndarray, search: int) -> int:
+    """The offset in ``[0, search]`` at which ``head[offset:offset+len(tail)]`` best matches ``tail``
+    (normalized cross-correlation)."""
+    n = len(tail)
+    if search <= 0 or n == 0 or not np.any(tail):
+        return 0
+    scores = []
+    for offset in range(search + 1):
+        seg = head[offset : offset + n]
+        scores.append(float(np.dot(seg, tail)) / (float(np.linalg.norm(seg)) + 1e-8))
+    return int(np.argmax(scores))
+
+
+class StreamingConverter:
+    """Feed blocks with :meth:`process`; each full block of input gives a block of output at the model's rate.
+
+    ``input_sr``: the rate of the samples fed (resampled with a streaming resampler, no clicks between blocks).
+    """
+
+    def __init__(self, converter, target, pitch_shift: float = 0.0, config: StreamConfig | None = None,
+                 input_sr: int | None = None, deterministic: bool = False, seed: int = 0):
+        import torch
+
+        self.converter, self.cfg = converter, config or StreamConfig()
+        self.cfg.check()
+        self.sr = converter.cfg.audio.sample_rate
+        self.hop = converter.cfg.spectrogram.hop
+        self.input_sr = int(input_sr or self.sr)
+        if self.input_sr < 8000 or self.input_sr > 384000:
+            raise ValueError(f"input sample rate {self.input_sr} Hz is outside 8000..384000")
+        frame_ms = 1000 * self.hop / self.sr
+        if abs(frame_ms - 10) > 1e-9:
+            raise ValueError(f"streaming needs 10 ms frames; the model's hop is {frame_ms} ms")
+        self.n_block = self.cfg.block_ms // 10
+        self.n_fade = self.cfg.crossfade_ms // 10
+        self.n_search = self.cfg.sola_search_ms // 10
+        self.n_context = int(round(self.cfg.context_s * 100))
+        self.n_window = self.n_context + self.n_block + self.n_fade + self.n_search
+        self.n_decode = min(self.n_window, self.n_block + self.n_fade + self.n_search + self.cfg.decoder_margin_frames)
+        self.deterministic = deterministic
+        self.device = converter.device
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._audio = np.zeros(self.n_window * self.hop, np.float32)  # the input window at the model's rate
+        self._f0 = np.zeros(self.n_window, np.float32)  # shifted f0 per frame of the window
+        start = torch.zeros(1, 11, dtype=torch.float64)
+        if not deterministic:  # random start phases for the overtones, as the file converter's source
+            start[:, 1:] = torch.rand(1, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        # phase at the start of each frame of the window (only the decode region's first frame is read)
+        self._phase = start.repeat(self.n_window, 1)
+        self._tail = np.zeros(self.n_fade * self.hop, np.float32)
+        self._pending = np.zeros(0, np.float32)
+        self._resampler = None
+        if self.input_sr != self.sr:
+            import soxr
+
+            self._resampler = soxr.ResampleStream(self.input_sr, self.sr, 1, dtype="float32")
+        self.stats = StreamStats()
+        self.set_target(target)
+        self.set_pitch_shift(pitch_shift)
+
+    # ---- controls (take effect at the next block) ------------------------------------------------------------
+    def set_target(self, target) -> None:
+        import torch
+
+        self.target = self.converter.resolve_target(target)
+        self._speaker = torch.from_numpy(self.target.embedding)[None].to(self.device)
+
+    def set_pitch_shift(self, semitones: float) -> None:
+        shift = float(semitones)
+        if not math.isfinite(shift) or abs(shift) > MAX_PITCH_SHIFT:
+            raise ValueError(f"pitch shift {semitones!r} is out of range (-{MAX_PITCH_SHIFT}..{MAX_PITCH_SHIFT})")
+        self.pitch_shift = shift
+
+    @property
+    def block_samples(self) -> int:
+        """Input samples per block at ``input_sr``."""
+        return int(round(self.cfg.block_ms * self.input_sr / 1000))
+
+    @property
+    def output_delay(self) -> int:
+        """Output samples (model rate) before the first one that corresponds to input sample 0."""
+        return (self.n_fade + self.n_search) * self.hop
+
+    # ---- streaming ----------------------------------------------------------------------------------------------
+    def process(self, samples: np.ndarray) -> np.ndarray:
+        """Feed input samples (any count, mono float at ``input_sr``); returns the output blocks completed."""
+        x = np.asarray(samples, dtype=np.float32).reshape(-1)
+        if not np.isfinite(x).all():
+            raise ValueError("input block contains NaN or inf samples")
+        if self._resampler is not None:
+            x = self._resampler.resample_chunk(x)
+        self._pending = np.concatenate([self._pending, x])
+        block = self.n_block * self.hop
+        out = []
+        while len(self._pending) >= block:
+            new, self._pending = self._pending[:block], self._pending[block:]
+            out.append(self._step(new))
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+    def flush(self) -> np.ndarray:
+        """Push silence through until every input sample fed so far has come out (file conversion's end)."""
+        if self._resampler is not None:
+            self._pending = np.concatenate([self._pending, self._resampler.resample_chunk(np.zeros(0, np.float32),
+                                                                                           last=True)])
+        block = self.n_block * self.hop
+        owed = len(self._pending) + self.output_delay
+        pad = (-len(self._pending)) % block
+        out = []
+        self._pending = np.concatenate([self._pending, np.zeros(pad, np.float32)])
+        produced = 0
+        while produced < owed:
+            if len(self._pending) < block:
+                self._pending = np.concatenate([self._pending, np.zeros(block, np.float32)])
+            new, self._pending = self._pending[:block], self._pending[block:]
+            y = self._step(new)
+            out.append(y)
+            produced += len(y)
+        return np.concatenate(out)[:owed] if out else np.zeros(0, np.float32)
+
+    def _step(self, new: np.ndarray) -> np.ndarray:
+        import torch
+
+        started = time.perf_counter()
+        hop, nb = self.hop, self.n_block
+        self._audio = np.concatenate([self._audio[len(new):], new])
+        self._f0 = np.concatenate([self._f0[nb:], np.zeros(nb, np.float32)])
+        self._phase = torch.cat([self._phase[nb:], self._phase[-1:].repeat(nb, 1)])
+        level = _rms_db(new)
+        gated = self.cfg.gate_db is not None and level < self.cfg.gate_db
+        if not gated:
+            self._f0[-nb:] = self._pitch() * 2.0 ** (self.pitch_shift / 12.0)
+        self._advance_phases()
+        index = len(self.stats.blocks)
+        if gated:  # silence in, silence out; the join after it fades in from silence
+            self._tail[:] = 0
+            self.stats.blocks.append(BlockStats(index, time.perf_counter() - started, True, 0, level))
+            return np.zeros(nb * hop, np.float32)
+        y = self._synthesize()
+        fade = len(self._tail)
+        offset = sola_offset(y, self._tail, self.n_search * hop)
+        out = y[offset : offset + nb * hop].copy()
+        if fade:
+            ramp = np.sin(0.5 * np.pi * (np.arange(fade) + 0.5) / fade) ** 2  # equal-power-ish, sums to 1
+            out[:fade] = out[:fade] * ramp + self._tail * (1 - ramp)
+            self._tail = y[offset + nb * hop : offset + nb * hop + fade].copy()
+        self.stats.blocks.append(BlockStats(index, time.perf_counter() - started, False, offset, level))
+        return out
+
+    def _pitch(self) -> np.ndarray:
+        """f0 of the new block's frames, from the block plus a margin of the input before it."""
+        nb, margin = self.n_block, self.cfg.pitch_margin_ms // 10
+        span = (nb + margin) * self.hop
+        audio16 = resample(self._audio[-span:], self.sr, 16000)
+        pitch = self.converter.extractor("pitch").extract(audio16)
+        f0 = pitch[:, 0] * (pitch[:, 1] > 0)
+        f0 = np.pad(f0, (0, max(0, nb + margin - len(f0))))
+        return f0[margin : margin + nb].astype(np.float32)
+
+    def _advance_phases(self) -> None:
+        import torch
+
+        from svc_model.model.generator import advance_phase
+
+        first = self.n_window - self.n_block  # the first new frame; its start phase follows the frame before it
+        f0 = torch.from_numpy(self._f0[first - 1 : self.n_window - 1].copy())[None]
+        self._phase[first:] = advance_phase(self._phase[first - 1][None], f0, self.hop, self.sr)[0]
+
+    def _synthesize(self) -> np.ndarray:
+        """Output for the decode region: the last (block + crossfade + search) frames, margin dropped."""
+        import torch
+
+        conv, hop, device = self.converter, self.hop, self.device
+        frames = self.n_window
+        audio16 = resample(self._audio, self.sr, 16000)
+        ppg = fit_frames(np.repeat(conv.extractor("ppg").extract(audio16), 2, axis=0), frames)
+        vec = None
+        if conv.cfg.model.vec_dim > 0:
+            vec = fit_frames(np.repeat(conv.extractor("vec").extract(audio16), 2, axis=0), frames)
+            vec = torch.from_numpy(vec.T.copy())[None].float().to(device)
+        decode_from = frames - self.n_decode
+        f0 = torch.from_numpy(self._f0.copy())[None].to(device)
+        with torch.no_grad():
+            source = conv.model.decoder.source(f0[:, decode_from:], deterministic=self.deterministic,
+                                               generator=self.generator,
+                                               start_phase=self._phase[decode_from][None].to(device))
+            y = conv.model.infer(torch.from_numpy(ppg.T.copy())[None].float().to(device), vec, f0, self._speaker,
+                                 source=source, generator=self.generator, decode_from=decode_from)
+        y = y[0, 0].float().cpu().numpy()
+        margin = self.n_decode - (self.n_block + self.n_fade + self.n_search)
+        return y[margin * hop :]
+
+
+def stream_file(converter, source_audio: np.ndarray, source_sr: int, target, pitch_shift: float = 0.0,
+                config: StreamConfig | None = None, deterministic: bool = False, seed: int = 0,
+                progress=None) -> tuple[np.ndarray, StreamingConverter]:
+    """Run a whole recording through the streaming path in blocks (``svc convert --stream``, tests, benchmarks).
+
+    Returns the output at the model's rate, aligned with the input (the algorithmic delay removed) and of the
+    input's duration, and the streamer (its ``stats`` hold the per-block timings)."""
+    streamer = StreamingConverter(converter, target, pitch_shift, config, input_sr=source_sr,
+                                  deterministic=deterministic, seed=seed)
+    step = streamer.block_samples
+    chunks = []
+    total = math.ceil(len(source_audio) / step)
+    for i in range(total):
+        chunks.append(streamer.process(source_audio[i * step : (i + 1) * step]))
+        if progress:
+            progress(i + 1, total)
+    chunks.append(streamer.flush())
+    out = np.concatenate(chunks)
+    n_out = int(round(len(source_audio) * streamer.sr / source_sr))
+    out = out[streamer.output_delay : streamer.output_delay + n_out]
+    return np.pad(out, (0, max(0, n_out - len(out)))), streamer
