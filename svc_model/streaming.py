@@ -97,6 +97,64 @@ def sola_offset(head: np.ndarray, tail: np.ndarray, search: int) -> int:
     return int(np.argmax(scores))
 
 
+class BlockResampler:
+    """A streaming polyphase resampler (``scipy.signal.resample_poly``'s filter, run over a sliding window) whose
+    output count always matches its input count (``len * out_sr / in_sr``, accumulated): a real-time loop gets one
+    full block out per block in, at a fixed delay of ``delay`` output samples (the filter's half length, about
+    0.3 ms). soxr's streaming mode instead returns uneven chunks (up to 20 ms short), which would cost a whole
+    block of latency."""
+
+    def __init__(self, in_sr: int, out_sr: int):
+        from scipy.signal import firwin
+
+        g = math.gcd(int(in_sr), int(out_sr))
+        self.in_sr, self.out_sr, self.up, self.down = in_sr, out_sr, out_sr // g, in_sr // g
+        self.half_len = 10 * max(self.up, self.down)
+        self.taps = firwin(2 * self.half_len + 1, 1.0 / max(self.up, self.down), window=("kaiser", 5.0))
+        self.delay = self.half_len // self.down + 2  # output samples of lead: covers the filter's look-ahead
+        self._buffer = np.zeros(0, np.float64)
+        self._origin = 0  # absolute input index of _buffer[0]; always a multiple of ``down``
+        self._fed = 0  # input samples so far
+        self._next = 0  # next absolute output index to compute
+        self._fifo = np.zeros(self.delay, np.float32)
+        self._given = 0
+
+    def _compute(self, upto: int) -> np.ndarray:
+        """Outputs ``_next .. upto-1`` from the buffered input (zeros beyond what was fed)."""
+        from scipy.signal import resample_poly
+
+        if upto <= self._next:
+            return np.zeros(0, np.float32)
+        y = resample_poly(self._buffer, self.up, self.down, window=self.taps)
+        first = self._origin * self.up // self.down
+        out = y[self._next - first : upto - first]
+        out = np.pad(out, (0, upto - self._next - len(out)))
+        self._next = upto
+        # keep the history the next outputs need (their filter reaches half_len/up input samples back)
+        keep_from = max(0, (self._next * self.down - self.half_len) // self.up - 1)
+        keep_from -= keep_from % self.down
+        if keep_from > self._origin:
+            self._buffer = self._buffer[keep_from - self._origin :]
+            self._origin = keep_from
+        return out.astype(np.float32)
+
+    def __call__(self, x: np.ndarray, last: bool = False) -> np.ndarray:
+        x = np.asarray(x, np.float64).reshape(-1)
+        self._buffer = np.concatenate([self._buffer, x])
+        self._fed += len(x)
+        if last:  # the tail: everything up to the end of the input, the look-ahead filled with zeros
+            self._buffer = np.concatenate([self._buffer, np.zeros(self.half_len // self.up + 1)])
+            ready = -(-self._fed * self.up // self.down)
+        else:  # outputs whose filter window lies inside what was fed
+            ready = max(self._next, (self._fed * self.up - self.half_len - 1) // self.down + 1)
+        self._fifo = np.concatenate([self._fifo, self._compute(ready)])
+        want = int(round(self._fed * self.out_sr / self.in_sr)) + (self.delay if last else 0) - self._given
+        out, self._fifo = self._fifo[:want], self._fifo[want:]
+        out = np.pad(out, (0, want - len(out)))
+        self._given += len(out)
+        return out
+
+
 class StreamingConverter:
     """Feed blocks with :meth:`process`; each full block of input gives a block of output at the model's rate.
 
@@ -135,14 +193,19 @@ class StreamingConverter:
         self._phase = start.repeat(self.n_window, 1)
         self._tail = np.zeros(self.n_fade * self.hop, np.float32)
         self._pending = np.zeros(0, np.float32)
-        self._resampler = None
-        if self.input_sr != self.sr:
-            import soxr
-
-            self._resampler = soxr.ResampleStream(self.input_sr, self.sr, 1, dtype="float32")
+        self._resampler = BlockResampler(self.input_sr, self.sr) if self.input_sr != self.sr else None
         self.stats = StreamStats()
         self.set_target(target)
         self.set_pitch_shift(pitch_shift)
+
+    def warm_up(self) -> None:
+        """Load the extractors and run the model once on silence (state untouched), so that the first live block
+        does not pay for loading."""
+        saved = (self._audio.copy(), self._f0.copy(), self._phase.clone(), self._tail.copy(), self.generator.get_state())
+        self._pitch()
+        self._synthesize()
+        self._audio, self._f0, self._phase, self._tail = saved[:4]
+        self.generator.set_state(saved[4])
 
     # ---- controls (take effect at the next block) ------------------------------------------------------------
     def set_target(self, target) -> None:
@@ -164,8 +227,9 @@ class StreamingConverter:
 
     @property
     def output_delay(self) -> int:
-        """Output samples (model rate) before the first one that corresponds to input sample 0."""
-        return (self.n_fade + self.n_search) * self.hop
+        """Output samples (model rate) before the first one that corresponds to input sample 0: the crossfade and
+        search window held back, and the input resampler's start-up delay."""
+        return (self.n_fade + self.n_search) * self.hop + (self._resampler.delay if self._resampler else 0)
 
     # ---- streaming ----------------------------------------------------------------------------------------------
     def process(self, samples: np.ndarray) -> np.ndarray:
@@ -174,7 +238,7 @@ class StreamingConverter:
         if not np.isfinite(x).all():
             raise ValueError("input block contains NaN or inf samples")
         if self._resampler is not None:
-            x = self._resampler.resample_chunk(x)
+            x = self._resampler(x)
         self._pending = np.concatenate([self._pending, x])
         block = self.n_block * self.hop
         out = []
@@ -186,8 +250,7 @@ class StreamingConverter:
     def flush(self) -> np.ndarray:
         """Push silence through until every input sample fed so far has come out (file conversion's end)."""
         if self._resampler is not None:
-            self._pending = np.concatenate([self._pending, self._resampler.resample_chunk(np.zeros(0, np.float32),
-                                                                                           last=True)])
+            self._pending = np.concatenate([self._pending, self._resampler(np.zeros(0, np.float32), last=True)])
         block = self.n_block * self.hop
         owed = len(self._pending) + self.output_delay
         pad = (-len(self._pending)) % block

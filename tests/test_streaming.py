@@ -179,3 +179,24 @@ def test_sola_finds_the_offset_of_a_shifted_copy():
     head = np.concatenate([rng.randn(7), tail, rng.randn(50)]).astype(np.float32)
     assert sola_offset(head, tail, 20) == 7
     assert sola_offset(head, tail, 0) == 0
+
+
+@pytest.mark.parametrize("rates", [(48000, 32000), (32000, 44100), (16000, 32000)])
+def test_block_resampler_gives_whole_blocks_at_a_fixed_delay(rates):
+    # Bugs caught: uneven output counts per block (a real-time loop would then lose a whole block of latency or
+    # drop samples), a delay that drifts, or a filter state lost between blocks (the result would differ from
+    # resampling the whole signal at once).
+    from scipy.signal import resample_poly
+
+    from svc_model.streaming import BlockResampler
+
+    a, b = rates
+    r = BlockResampler(a, b)
+    n = a // 4
+    x = np.random.RandomState(0).randn(n * 12)
+    outs = [r(x[i * n : (i + 1) * n]) for i in range(12)]
+    assert {len(y) for y in outs} == {b // 4}
+    y = np.concatenate(outs + [r(np.zeros(0), last=True)])[r.delay :]
+    g = np.gcd(a, b)
+    np.testing.assert_allclose(y, resample_poly(x, b // g, a // g), atol=1e-6)
+    assert r.delay < b // 1000  # under a millisecond
