@@ -49,7 +49,7 @@ def evaluation_report(context: dg.AssetExecutionContext, workspace: WorkspaceRes
     meta = _latest_version_meta(context)
     name, version, run_id = ws.settings.registered_model_name, str(meta["model_version"]), meta["mlflow_run_id"]
     client = tracking.client(ws)
-    checkpoint = tracking.download_checkpoint(ws, client.get_model_version(name, version))
+    checkpoint = tracking.resolve_model(ws, version).path  # the safetensors model folder
     converter = Converter.from_checkpoint(checkpoint, root=ws.root)
     manifest = pd.read_parquet(ws.asset_dir("training_set") / "manifest.parquet")
     for column in PATH_COLUMNS:

@@ -9,10 +9,12 @@ import dagster as dg
 from assets.partitions import singers_partitions
 from assets.resources import FeatureExtractorsResource, WorkspaceResource
 
-# Bump a version when that asset's output for the same input would change.
+# Bump a version when that asset's code would change its output for the same input and settings. The settings
+# that change an output (backend, model, thresholds...) are hashed into the version per workspace when the
+# Definitions are built (assets.versions), so a config change needs no bump here.
 CODE_VERSIONS = {"pitch": "1", "ppg": "2", "vec": "2", "speaker_embedding": "1"}
 VOICED_RANGE = (0.05, 0.98)  # a singer's segments outside this are likely noise, silence or a tone
-UNIT_NORM_TOL = 1e-3
+FRAME_RATES = {"pitch": 100, "ppg": 50, "vec": 50}  # frames per second of audio, as stored
 
 DESCRIPTIONS = {
     "pitch": "f0 (Hz, 0 when unvoiced) and voicing per 10 ms frame (100 Hz), from the 16 kHz segments.",
@@ -30,10 +32,6 @@ def _checks_for(feature: str) -> list[dg.AssetCheckSpec]:
     if feature == "pitch":
         specs.append(dg.AssetCheckSpec("voiced_ratio_plausible", asset=feature,
                                        description=f"Voiced ratio within {VOICED_RANGE}."))
-    if feature == "speaker_embedding":
-        specs.append(dg.AssetCheckSpec("unit_norm", asset=feature, blocking=True,
-                                       description="Every embedding and the mean have unit L2 norm (mozilla-lstm: "
-                                       "in (0, 1], means of unit vectors, as the anchor stores them)."))
     return specs
 
 
@@ -95,13 +93,8 @@ def _feature_asset(feature: str) -> dg.AssetsDefinition:
                 context.log.info(f"[{singer}] vec is disabled (features.vec.backend: none): zero-width features, "
                                  f"for a model without the vec path (model.vec_dim: 0)")
         if feature == "speaker_embedding":
-            from svc_model.features.speaker import norm_error
-
             metadata["encoder"] = info.get("encoder", info["backend"])
-            worst = norm_error(result.extra["norms"], unit=info.get("unit_norm", True))
             metadata["mean_embedding"] = dg.MetadataValue.path(str(ws.partition_dir(feature, singer) / "mean.npy"))
-            checks.append(dg.AssetCheckResult(check_name="unit_norm", passed=worst <= UNIT_NORM_TOL,
-                                              metadata={"max_norm_error": worst}))
         return dg.MaterializeResult(metadata=metadata, check_results=checks)
 
     return _asset
@@ -113,27 +106,68 @@ vec = _feature_asset("vec")
 speaker_embedding = _feature_asset("speaker_embedding")
 
 
+def _frames_match_audio(feature: str) -> dg.AssetChecksDefinition:
+    from svc_model.features.store import FRAME_TOLERANCE
+
+    rate = FRAME_RATES[feature]
+
+    @dg.asset_check(
+        name="frames_match_audio",
+        asset=feature,
+        additional_deps=["clean_audio"],
+        partitions_def=singers_partitions,
+        blocking=True,
+        description=f"Every segment's stored {feature} file has duration x {rate} frames (within {FRAME_TOLERANCE} "
+        f"frame) of its clean audio, read from the file itself: catches a file cut short or written at the wrong "
+        f"rate, and features left from before the audio was re-sliced.",
+    )
+    def _check(context: dg.AssetCheckExecutionContext, workspace: WorkspaceResource) -> dg.AssetCheckResult:
+        from svc_model.features.store import check_frames
+        from svc_model.preprocess import load_manifest
+
+        ws = workspace.get()
+        singer = context.partition_key
+        result = check_frames(load_manifest(ws.partition_dir("clean_audio", singer)),
+                              ws.partition_dir(feature, singer), rate)
+        return dg.AssetCheckResult(
+            passed=result.passed,
+            metadata={"segments": result.segments, "mismatched": len(result.mismatched),
+                      "missing": len(result.missing), "worst_offset_frames": result.worst_offset,
+                      "tolerance_frames": FRAME_TOLERANCE,
+                      "examples": "; ".join(result.mismatched[:5] + result.missing[:5])},
+        )
+
+    return _check
+
+
+pitch_frames_match_audio = _frames_match_audio("pitch")
+ppg_frames_match_audio = _frames_match_audio("ppg")
+vec_frames_match_audio = _frames_match_audio("vec")
+
+
 @dg.asset_check(
-    asset=vec,
-    additional_deps=[pitch, ppg],
+    asset=speaker_embedding,
+    additional_deps=["clean_audio"],
     partitions_def=singers_partitions,
     blocking=True,
-    description="For every segment, pitch frames (100 Hz) agree with ppg and vec frames (50 Hz) x2 within one frame.",
+    description="One finite vector per segment of the encoder's dimension, norm within [0.1, 1] (1 for unit-norm "
+    "encoders), not the same vector for every segment, and mean.npy the mean of the segments' vectors.",
 )
-def frames_aligned(context: dg.AssetCheckExecutionContext, workspace: WorkspaceResource) -> dg.AssetCheckResult:
-    import pandas as pd
+def embeddings_valid(context: dg.AssetCheckExecutionContext, workspace: WorkspaceResource) -> dg.AssetCheckResult:
+    from svc_model.features.speaker import SPEAKER_BACKENDS
+    from svc_model.features.store import check_embeddings
+    from svc_model.preprocess import load_manifest
 
     ws = workspace.get()
     singer = context.partition_key
-    frames = {}
-    for feature in ("pitch", "ppg", "vec"):
-        manifest = pd.read_parquet(ws.partition_dir(feature, singer) / "manifest.parquet")
-        frames[feature] = manifest.set_index("segment_id")["frames"]
-    table = pd.DataFrame(frames).dropna()
-    off = table[((table["ppg"] * 2 - table["pitch"]).abs() > 1) | ((table["vec"] * 2 - table["pitch"]).abs() > 1)]
-    missing = sorted(set().union(*[set(f.index) for f in frames.values()]) - set(table.index))
+    encoder = SPEAKER_BACKENDS[ws.config().features.speaker.backend]
+    result = check_embeddings(load_manifest(ws.partition_dir("clean_audio", singer)),
+                              ws.partition_dir("speaker_embedding", singer), encoder.dim, encoder.unit_norm)
     return dg.AssetCheckResult(
-        passed=off.empty and not missing,
-        metadata={"segments": len(table), "misaligned": len(off), "missing_in_some_feature": len(missing),
-                  "examples": ", ".join(list(off.index[:5]) + missing[:5])},
+        passed=result.passed,
+        metadata={"segments": result.segments, "problems": len(result.problems), "dim": encoder.dim,
+                  "examples": "; ".join(result.problems[:5])},
     )
+
+
+FEATURE_CHECKS = [pitch_frames_match_audio, ppg_frames_match_audio, vec_frames_match_audio, embeddings_valid]

@@ -105,7 +105,7 @@ def import_pretrained(ws: Workspace, path: str | Path, alias: str = BASE,
                   for name, file in (speakers or {}).items()}
     source = Path(path)
     converted = to_project_checkpoint(anchor, cfg, embeddings,
-                                      models_dir(ws) / f"{source.stem}-{anchor.sha256[:12]}.pt")
+                                      models_dir(ws) / f"{source.stem}-{anchor.sha256[:12]}")
     tags = {"source_file": source.name, "sha256": anchor.sha256, "kind": anchor.kind,
             "speaker_encoder": ANCHOR_SPEAKER_ENCODER, "imported": "true"}
     if embeddings:
@@ -149,10 +149,12 @@ def resolve_start_point(ws: Workspace, start_from: str = "auto", fine_tune: bool
             warn("fine_tune requested but no production model yet: starting from "
                  + ("'base'" if tracking.alias_version(ws, BASE) is not None else "scratch"))
     for alias in order:
-        version = tracking.alias_version(ws, alias)
-        if version is None:
+        if tracking.alias_version(ws, alias) is None:
             continue
-        checkpoint = tracking.download_checkpoint(ws, version)
+        found = tracking.resolve_model(ws, alias)
+        version = found.version
+        # The generator (safetensors) with the version's training state (discriminator) where it was logged.
+        checkpoint = found.fine_tuning_path()
         label = f"{alias}:v{version.version}"
         check_start_point(ws, checkpoint, label)
         log(f"starting from {label} ({checkpoint})")
@@ -167,21 +169,19 @@ def resolve_start_point(ws: Workspace, start_from: str = "auto", fine_tune: bool
 
 def check_start_point(ws: Workspace, checkpoint: Path, label: str) -> None:
     """Refuse a starting model whose shapes differ from the workspace config's model, naming both."""
-    import torch
-
     from svc_model.config import SVCConfig
     from svc_model.pretrained import model_differences
     from svc_model.train import same_speaker_encoder
+    from svc_model.weights import read_model_info
 
     cfg = ws.config()
-    # Our own registry's checkpoint (written by Trainer or to_project_checkpoint); mmap: only the config is read.
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
-    theirs = SVCConfig.model_validate(ckpt["config"])
+    # A model folder's config.json (a .pt: memory-mapped with weights_only=True); the weights are not read here.
+    config, encoder = read_model_info(checkpoint)
+    theirs = SVCConfig.model_validate(config)
     diffs = model_differences(theirs.model, cfg.model)
     if theirs.spectrogram.n_fft != cfg.spectrogram.n_fft:
         diffs.append(("spectrogram.n_fft", theirs.spectrogram.n_fft, cfg.spectrogram.n_fft))
     # Embeddings of another encoder live in another space (the trainer refuses them too, but only inside the run).
-    encoder = ckpt.get("speaker_encoder") or ""
     if not same_speaker_encoder(encoder, cfg.features.speaker.backend):
         diffs.append(("features.speaker.backend", encoder.split(":")[0], cfg.features.speaker.backend))
     if diffs:

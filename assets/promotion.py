@@ -6,11 +6,12 @@ version. Rollback moves ``production`` back to the version it replaced.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
 from assets import tracking
-from assets.workspace import Workspace
+from assets.workspace import Workspace, WorkspaceBusy
 
 EVAL_PASSED = "eval.passed"
 EVAL_FAILED_CHECKS = "eval.failed_checks"
@@ -19,6 +20,17 @@ PREVIOUS = "promotion.previous_production"
 
 class PromotionError(RuntimeError):
     """A promotion was refused; the message says why and how to override."""
+
+
+@contextlib.contextmanager
+def _registry_lock(ws: Workspace, purpose: str):
+    """The workspace lock around read-current-production-then-move-the-alias: two promotions that interleave
+    would both record the same "previous production", and a rollback would then skip a version."""
+    try:
+        with ws.lock(purpose):
+            yield
+    except WorkspaceBusy as exc:
+        raise PromotionError(str(exc)) from None
 
 
 @dataclass
@@ -36,7 +48,15 @@ def _primary(ws: Workspace):
     return metric, HIGHER_IS_BETTER[metric]
 
 
-def promote(ws: Workspace, version: str | int | None = None, *, force: bool = False, reason: str | None = None) -> Promotion:
+def promote(ws: Workspace, version: str | int | None = None, *, force: bool = False, reason: str | None = None,
+            by: str | None = None) -> Promotion:
+    """``by``: who promoted (the studio's signed-in user), recorded on the version as ``promotion.by``."""
+    with _registry_lock(ws, f"promote {'the candidate' if version is None else f'version {version}'}"):
+        return _promote(ws, version, force=force, reason=reason, by=by)
+
+
+def _promote(ws: Workspace, version: str | int | None, *, force: bool, reason: str | None,
+             by: str | None = None) -> Promotion:
     client = tracking.client(ws)
     name = ws.settings.registered_model_name
     if force and not (reason and reason.strip()):
@@ -75,6 +95,8 @@ def promote(ws: Workspace, version: str | int | None = None, *, force: bool = Fa
     client.set_registered_model_alias(name, tracking.PRODUCTION, mv.version)
     client.set_model_version_tag(name, mv.version, PREVIOUS, str(current.version) if current else "")
     client.set_model_version_tag(name, mv.version, "promotion.time", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    if by:
+        client.set_model_version_tag(name, mv.version, "promotion.by", by)
     if force:
         client.set_model_version_tag(name, mv.version, "promotion.forced", "true")
         client.set_model_version_tag(name, mv.version, "promotion.reason", reason)
@@ -85,6 +107,11 @@ def promote(ws: Workspace, version: str | int | None = None, *, force: bool = Fa
 
 
 def rollback(ws: Workspace) -> Promotion:
+    with _registry_lock(ws, "rollback"):
+        return _rollback(ws)
+
+
+def _rollback(ws: Workspace) -> Promotion:
     client = tracking.client(ws)
     name = ws.settings.registered_model_name
     current = tracking.alias_version(ws, tracking.PRODUCTION)

@@ -7,6 +7,9 @@ import dagster as dg
 from assets.resources import WorkspaceResource
 
 PATH_COLUMNS = ("audio", "pitch", "ppg", "vec", "speaker")
+# Dagster run tag naming who started a training (the studio's signed-in user); copied to the MLflow run and the
+# registered version as ``launched_by``.
+USER_TAG = "svc/user"
 
 
 @dg.asset(
@@ -61,57 +64,120 @@ class TrainingConfig(dg.Config):
     kinds={"pytorch", "mlflow"},
     description="Fine-tunes from production, else from base (an imported pretrained model), else trains from "
     "scratch, on the training set in one MLflow run; tags which (init_from) and registers the result as a new "
-    "version of the registered model.",
+    "version of the registered model. Re-run after a kill, it resumes from the last good checkpoint of the same "
+    "training set, config and start point (runs/dagster-<key>, see the README's Training section).",
 )
 def svc_checkpoint(context: dg.AssetExecutionContext, config: TrainingConfig,
                    workspace: WorkspaceResource) -> dg.MaterializeResult:
     import pandas as pd
+    from filelock import Timeout
 
-    import mlflow
     from assets import tracking
     from assets.pretrained import resolve_start_point
-    from svc_model.train import Trainer
+    from assets.training_set import prune_run_folders, run_folder_for, run_lock, training_definition
+    from svc_model.storage import sweep_stale_temps
 
     ws = workspace.get()
     cfg = ws.config()
     manifest = pd.read_parquet(ws.asset_dir("training_set") / "manifest.parquet")
-    for column in PATH_COLUMNS:
-        manifest[column] = [str(ws.resolve(p)) for p in manifest[column]]
     try:
         start = resolve_start_point(ws, config.start_from, config.fine_tune, log=context.log.info,
                                     warn=context.log.warning)
     except ValueError as exc:
         raise dg.Failure(str(exc)) from exc
+    target = config.steps or cfg.train.steps
+    model_name = ws.settings.registered_model_name
+    client = tracking.client(ws)
+
+    def registered_version(record: dict) -> str | None:
+        """The version registered from the record's last MLflow run, if a kill came after registering."""
+        attempts = record.get("attempts") or []
+        run = attempts[-1].get("mlflow_run_id") if attempts else None
+        found = client.search_model_versions(f"run_id='{run}'") if run else []
+        return str(found[0].version) if found else None
+
+    # The run folder is keyed by what defines this training (training set, features, data versions, config, start
+    # point, steps): re-running it after a kill finds the same folder and resumes from its last good checkpoint.
+    for stale in sweep_stale_temps(ws.runs_dir):
+        context.log.info(f"removed {stale.name}, left by a killed process")
+    definition = training_definition(ws, manifest, cfg, start.label, target)
+    folder = run_folder_for(ws, definition, model_name, registered_version)
+    lock = run_lock(folder.path)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise dg.Failure(f"{folder.path} is in use by another training run of the same training set, config and "
+                         f"start point; wait for it to finish") from None
+    try:
+        return _train_in_folder(context, config, ws, cfg, manifest, start, target, folder, client)
+    finally:
+        lock.release()
+        try:
+            prune_run_folders(ws, cfg.train.keep_runs, model_name, log=context.log.info)
+        except OSError as exc:  # housekeeping must not turn a trained model into a failed run
+            context.log.warning(f"pruning {ws.runs_dir} failed: {exc}")
+
+
+def _train_in_folder(context, config, ws, cfg, manifest, start, target, folder, client) -> dg.MaterializeResult:
+    import mlflow
+    from assets import tracking
+    from svc_model.train import Trainer
+
     init_from, base_version = start.checkpoint, start.version
+    for column in PATH_COLUMNS:
+        manifest[column] = [str(ws.resolve(p)) for p in manifest[column]]
+    run_dir = folder.path
+    trainer = Trainer(cfg, manifest, run_dir, device=config.device, init_from=init_from, resume=True,
+                      log=context.log.info, warn=context.log.warning)
+    resumed_step = trainer.step if trainer.resumed_from is not None else None
     singers = sorted(manifest["singer"].unique())
     tags = {"dagster_run_id": context.run_id, "git_commit": tracking.git_commit(ws), "init_from": start.label,
             "fine_tuned_from_version": str(base_version or ""), "singers": ",".join(singers),
+            "training_key": folder.record["key"], "run_folder": ws.relative(run_dir),
             **{f"dvc_md5.{s}": ws.singer_data_version(s) or "" for s in singers}}
+    launched_by = context.run.tags.get(USER_TAG)  # who started it, where the launcher says (the studio does)
+    if launched_by:
+        tags["launched_by"] = launched_by
+    # Lineage across a kill: each attempt is its own MLflow run (its metrics start after the checkpoint it resumed,
+    # so no step is logged twice), sharing the training_key tag; a resumed one names the attempt it continues.
+    previous = folder.attempts[-1].get("mlflow_run_id") if folder.attempts else None
+    if resumed_step is not None:
+        tags.update(resumed_from_step=str(resumed_step), resumed_from_checkpoint=trainer.resumed_from.name)
+        if previous:
+            tags["resumed_from_run_id"] = previous
+    if previous:
+        try:
+            if client.get_run(previous).info.status == "RUNNING":  # killed: it never ended
+                client.set_terminated(previous, "KILLED")
+        except Exception as exc:  # noqa: BLE001 - a run deleted from MLflow only loses its status update
+            context.log.warning(f"MLflow run {previous} of the previous attempt: {exc}")
     mlflow.set_tracking_uri(ws.tracking_uri)
     # System metrics every 5 s, logged as they come (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides).
     mlflow.set_system_metrics_sampling_interval(float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", 5)))
     mlflow.set_system_metrics_samples_before_logging(1)
-    run_dir = ws.runs_dir / f"dagster-{context.run_id[:8]}"
     with mlflow.start_run(experiment_id=tracking.experiment_id(ws), run_name=f"train-{context.run_id[:8]}",
                           tags=tags, log_system_metrics=True) as run:
         run_id = run.info.run_id
-        client = tracking.client(ws)
+        folder.add_attempt(dagster_run_id=context.run_id, mlflow_run_id=run_id,
+                           resumed_from_step=resumed_step)
         tracking.log_params(client, run_id, cfg.to_flat_dict())
         url = tracking.run_url(ws, run_id)
         context.log.info(f"MLflow run {run_id}: {url}")
-        callback = tracking.MlflowTrainingCallback(client, run_id, cfg.audio.sample_rate)
-        trainer = Trainer(cfg, manifest, run_dir, device=config.device, init_from=init_from, resume=False,
-                          callbacks=[callback], log=context.log.info)
+        if trainer.rank == 0:
+            trainer.callbacks.append(tracking.MlflowTrainingCallback(client, run_id, cfg.audio.sample_rate))
         try:
-            result = trainer.fit(config.steps)
+            result = trainer.fit(max(0, target - trainer.step))
         finally:
             trainer.close()
-        mlflow.log_artifact(str(run_dir / "manifest.parquet") if (run_dir / "manifest.parquet").exists()
-                            else str(ws.asset_dir("training_set") / "manifest.parquet"), "training_set")
-        version_tags = {"dagster_run_id": context.run_id, "init_from": start.label}
+        mlflow.log_artifact(str(ws.asset_dir("training_set") / "manifest.parquet"), "training_set")
+        version_tags = {"dagster_run_id": context.run_id, "init_from": start.label,
+                        "training_key": folder.record["key"]}
+        if launched_by:
+            version_tags["launched_by"] = launched_by
         if base_version:
             version_tags["fine_tuned_from_version"] = str(base_version)
         version = tracking.register_checkpoint(ws, run_id, result.checkpoint, tags=version_tags)
+        folder.mark_complete(version.version)
     last = result.history[-1] if result.history else {}
     return dg.MaterializeResult(metadata={
         "mlflow_run_url": dg.MetadataValue.url(url),
@@ -125,4 +191,6 @@ def svc_checkpoint(context: dg.AssetExecutionContext, config: TrainingConfig,
         "valid_mel": round(float(result.validation.get("valid_mel", float("nan"))), 4),
         "seconds": round(result.seconds, 1),
         "checkpoint": dg.MetadataValue.path(str(result.checkpoint)),
+        "run_folder": dg.MetadataValue.path(str(run_dir)),
+        "resumed_from_step": resumed_step or 0,
     })

@@ -16,7 +16,12 @@ from orchestration.singers import plan_singer_sync, register_singer
 def open_instance(ws: Workspace) -> dg.DagsterInstance:
     """The workspace's persistent Dagster instance (``<workspace>/.dagster``)."""
     ws.ensure_runtime_dirs()
-    return dg.DagsterInstance.from_config(str(ws.dagster_home))
+    if (ws.dagster_home / "history" / "runs.db").exists():
+        return dg.DagsterInstance.from_config(str(ws.dagster_home))
+    # A fresh instance creates its SQLite tables on open: two `svc` commands doing that at once on a new workspace
+    # fail with "table jobs already exists". Only the first open takes the workspace lock; later ones never wait.
+    with ws.lock("creating the Dagster instance"):
+        return dg.DagsterInstance.from_config(str(ws.dagster_home))
 
 
 def sync_singers(ws: Workspace, instance: dg.DagsterInstance) -> list[str]:
@@ -116,7 +121,7 @@ def build(
 
     The runs are recorded in the workspace's instance, so they show in the Dagster UI's run history.
     """
-    from orchestration.definitions import ASSET_CHECKS, ASSETS, build_definitions
+    from orchestration.definitions import build_definitions
 
     instance = instance or open_instance(ws)
     sync_singers(ws, instance)
@@ -136,7 +141,7 @@ def build(
         log(f"materializing {', '.join(f'{a}[{singer}]' for a in todo)}")
         started = time.perf_counter()
         result = dg.materialize(
-            [*ASSETS, *ASSET_CHECKS],
+            [*defs.assets, *defs.asset_checks],  # the workspace's code versions (assets.versions)
             selection=[dg.AssetKey(a) for a in todo],
             partition_key=singer,
             instance=instance,
@@ -169,7 +174,7 @@ def materialize_training(ws: Workspace, *, steps: int | None = None, fine_tune: 
 
     Returns ``{asset: metadata}`` of what materialized; raises :class:`BuildError` with the reason on failure.
     """
-    from orchestration.definitions import ASSET_CHECKS, ASSETS, build_definitions
+    from orchestration.definitions import build_definitions
 
     instance = instance or open_instance(ws)
     sync_singers(ws, instance)
@@ -178,7 +183,7 @@ def materialize_training(ws: Workspace, *, steps: int | None = None, fine_tune: 
     training = {"steps": steps, "start_from": start_from, "fine_tune": fine_tune, "device": device}
     run_config = {"ops": {"svc_checkpoint": {"config": training}},
                   "loggers": {"console": {"config": {"log_level": "INFO"}}}}
-    result = dg.materialize([*ASSETS, *ASSET_CHECKS], selection=[dg.AssetKey(a) for a in selection],
+    result = dg.materialize([*defs.assets, *defs.asset_checks], selection=[dg.AssetKey(a) for a in selection],
                             instance=instance, resources=defs.resources, run_config=run_config,
                             tags={**(tags or {}), "svc/launched_by": "svc train"}, raise_on_error=False)
     if not result.success:

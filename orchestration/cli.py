@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -11,10 +10,6 @@ from pathlib import Path
 import click
 
 from assets.workspace import PROJECT_ROOT, Workspace, WorkspaceError, init_workspace
-from svc_model.storage import atomic_write_text
-
-DEMO_VOICES_DIR = PROJECT_ROOT / "examples" / "voices"
-DEMO_SINGERS = ["speaker-a", "speaker-b", "speaker-c"]  # speaker-d is kept back for the incremental rebuild
 
 
 def _fail(message: str) -> None:
@@ -78,23 +73,9 @@ def add_singer_cmd(ws: Workspace, name: str, paths: tuple[str, ...], append: boo
 
 
 def _add_singer(ws, name, paths, *, append, push, instance) -> None:
-    from orchestration.singers import add_singer
+    from orchestration.service import add_singer_reported
 
-    click.echo(f"{'appending to' if append else 'adding'} singer {name!r} in {ws.root}")
-    report = add_singer(ws, name, paths, append=append, instance=instance, push=push, log=click.echo)
-    click.echo(
-        f"added {len(report.added)} file(s), {report.seconds:.1f} s of audio; skipped {len(report.skipped)}"
-    )
-    for source, reason in report.skipped:
-        click.echo(f"  skipped {source}: {reason}")
-    click.echo(f"DVC: data/raw/{name}.dvc md5 {report.data_version}"
-               + (f" (was {report.previous_version})" if report.previous_version else "")
-               + (", pushed to the workspace remote" if report.pushed else ", not pushed"))
-    click.echo(f"Dagster: partition {name!r} registered in 'singers'")
-    from orchestration.jobs import PER_SINGER_ASSETS
-
-    click.echo(f"will rebuild: {', '.join(f'{a}[{name}]' for a in PER_SINGER_ASSETS)}; "
-               f"run `svc -C {ws.root} build`, or let `svc ui` (daemon) pick it up")
+    add_singer_reported(ws, name, paths, append=append, push=push, instance=instance, echo=click.echo)
 
 
 @main.command()
@@ -140,11 +121,13 @@ def build(ws: Workspace, assets: tuple[str, ...], singers: tuple[str, ...], then
 
 
 def _train_in_subprocess(ws: Workspace, args: list[str]) -> None:
-    """`svc train` in a process of its own, as a run launched from the Dagster UI would be: the feature extractors'
-    thread pools (CTranslate2 brings its own OpenMP) would otherwise compete with training for the cores."""
-    code = subprocess.call([str(Path(sys.executable).parent / "svc"), "-C", str(ws.root), "train", *args])
-    if code != 0:
-        _fail(f"training failed (exit {code})")
+    """`svc train ARGS` in a process of its own (see :func:`orchestration.service.run_training`)."""
+    from orchestration.service import TrainingFailed, run_training
+
+    try:
+        run_training(ws, args)
+    except TrainingFailed as exc:
+        _fail(str(exc))
 
 
 @main.command()
@@ -209,8 +192,8 @@ def remove_singer_cmd(ws: Workspace, name: str, yes: bool) -> None:
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--local", "local_name", default=None, metavar="NAME",
               help="Untracked run in runs/NAME (no Dagster, MLflow or registry; resumes if it exists).")
-@click.option("--fine-tune-from", "init_from", type=click.Path(dir_okay=False), default=None,
-              help="With --local: start from this checkpoint file.")
+@click.option("--fine-tune-from", "init_from", type=click.Path(), default=None,
+              help="With --local: start from this checkpoint file or model folder (read without unpickling).")
 @click.option("--fresh", is_flag=True, help="With --local: ignore checkpoints already in runs/NAME.")
 @click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", hidden=True,
               help="Extra Dagster run tag (repeatable); the studio finds the run it launched by one.")
@@ -219,7 +202,8 @@ def train(ws: Workspace, steps, start_from, fine_tune, from_scratch, device, loc
           tags) -> None:
     """Train: training_set -> svc_checkpoint (one MLflow run, a new registered version) -> evaluation_report,
     as one Dagster run on the workspace's instance; the run and the version are tagged init_from (production:vN,
-    base:vN or scratch). With --local, a plain run in runs/NAME."""
+    base:vN or scratch). Re-run after a kill, the same command resumes from the last good checkpoint of the same
+    training set, config and start point (runs/dagster-<key>). With --local, a plain run in runs/NAME."""
     if from_scratch:
         if fine_tune or start_from not in ("auto", "scratch"):
             _fail("--from-scratch contradicts --fine-tune / --start-from " + start_from)
@@ -240,6 +224,8 @@ def train(ws: Workspace, steps, start_from, fine_tune, from_scratch, device, loc
     out = materialize_training(ws, steps=steps, fine_tune=fine_tune, start_from=start_from, device=device,
                                tags=run_tags)
     ckpt, report = out["svc_checkpoint"], out["evaluation_report"]
+    if ckpt.get("resumed_from_step"):
+        click.echo(f"resumed an interrupted run at step {ckpt['resumed_from_step']} ({ckpt['run_folder']})")
     click.echo(f"started from {ckpt.get('init_from', '?')}; registered {ckpt['registered_model']} version "
                f"{ckpt['model_version']} "
                f"(steps {ckpt['steps']}, final mel {ckpt['final_mel_loss']}); MLflow run {ckpt['mlflow_run_url']}")
@@ -302,10 +288,12 @@ def pretrained_import(ws: Workspace, file: str, alias: str, speakers: tuple[str,
     convert it once to this project's checkpoint format, and register it as a new model version with an alias."""
     from assets.pretrained import import_pretrained
 
-    click.echo(f"reading {file} (torch.load weights_only=True: tensors only, no code runs)")
+    click.echo(f"reading {file} (torch.load weights_only=True: tensors only, no code runs; keys and shapes are "
+               f"checked before anything is written)")
     report = import_pretrained(ws, file, alias, _parse_speakers(speakers))
     m = report.model_cfg
-    click.echo(f"converted {report.source.name} once into {report.converted}; the original is not loaded again")
+    click.echo(f"converted {report.source.name} once into {report.converted} (generator.safetensors + JSON config "
+               f"and singer table, no pickle); the original is not loaded again")
     what = ("a pretrain (generator + discriminator)" if report.kind == "pretrain" else
             "an exported singer model (generator only: " + ", ".join(report.missing_parts) + " left at a fresh "
             "initialization)")
@@ -357,34 +345,6 @@ def promote(ws: Workspace, version, force, reason, rollback) -> None:
     click.echo(done.message)
 
 
-def _registry_checkpoint(ws: Workspace, model_uri: str | None) -> tuple[Path, str]:
-    """The checkpoint behind ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` (default: production)."""
-    from assets import tracking
-
-    name = ws.settings.registered_model_name
-    uri = model_uri or f"models:/{name}@{tracking.PRODUCTION}"
-    body = uri.removeprefix("models:/")
-    model, alias, version = body, None, None
-    if "@" in body:
-        model, alias = body.split("@", 1)
-    elif "/" in body:
-        model, version = body.split("/", 1)
-    if model != name or not (alias or version):
-        _fail(f"{uri}: expected models:/{name}@ALIAS or models:/{name}/VERSION")
-    if alias:
-        mv = tracking.alias_version(ws, alias)
-        if mv is None:
-            hint = ("nothing has been promoted yet: train (`svc train`), then `svc promote`; or pass --model "
-                    "models:/%s/VERSION or --checkpoint FILE" % name) if alias == tracking.PRODUCTION else ""
-            _fail(f"no version of {name!r} has the alias {alias!r}. {hint}".strip())
-    else:
-        try:
-            mv = tracking.client(ws).get_model_version(name, version)
-        except Exception:
-            _fail(f"{uri}: no such model version")
-    return tracking.download_checkpoint(ws, mv), f"{uri} (version {mv.version})"
-
-
 def _parse_blend(text: str) -> dict[str, float]:
     blend = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
@@ -407,7 +367,9 @@ def _parse_blend(text: str) -> dict[str, float]:
 @click.option("--pitch-shift", default="0", show_default=True, help="Semitones, or 'auto'.")
 @click.option("--model", "model_uri", default=None,
               help="Registry model URI, e.g. models:/svc/3 or models:/svc@candidate (default: models:/svc@production).")
-@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="A local checkpoint file instead.")
+@click.option("--checkpoint", type=click.Path(), default=None,
+              help="A local model instead: a model folder (generator.safetensors + JSON) or a training checkpoint "
+                   "runs/NAME/step-N.pt; read without unpickling (a file holding pickled objects is refused).")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--deterministic", is_flag=True,
               help="No random numbers: the prior's mean, overtones at phase 0, no source noise (A/B listening).")
@@ -424,7 +386,13 @@ def convert(ws: Workspace, source, output, singer, reference, blend, pitch_shift
     if len(chosen) != 1:
         _fail("give exactly one target: --singer NAME, --reference FILE or --blend a=0.7,b=0.3")
     target = _parse_blend(blend) if blend else (reference or singer)
-    ckpt, label = (Path(checkpoint), checkpoint) if checkpoint else _registry_checkpoint(ws, model_uri)
+    if checkpoint:
+        ckpt, label = Path(checkpoint), checkpoint
+    else:
+        from assets import tracking
+
+        found = tracking.resolve_model(ws, model_uri)  # default: production; a clear error when missing
+        ckpt, label = found.path, found.label
     out = Path(output)
     if out.suffix.lower() not in (".wav", ".flac", ".ogg"):
         _fail(f"{out}: output must end in .wav, .flac or .ogg")
@@ -473,16 +441,28 @@ def ui(ws: Workspace, port: int, host: str) -> None:
 @click.option("--tensorboard-url", default="http://127.0.0.1:6006", show_default=True,
               help="Where `svc tensorboard` serves TensorBoard (the Train tab links to it).")
 @click.option("--max-upload-minutes", default=5.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="Longest recording the studio accepts; add longer ones with `svc add-singer`.")
+              help="Longest recording the studio accepts, read from the file's header before it is decoded; add "
+                   "longer ones with `svc add-singer`.")
+@click.option("--max-upload-mb", default=100, show_default=True, type=click.IntRange(min=1),
+              help="Largest file the studio accepts; a bigger upload is cut off as it arrives (HTTP 413) and not kept.")
+@click.option("--auth", "auth_text", envvar="SVC_STUDIO_AUTH", default=None, metavar="USER:PASS",
+              help="Require this login (needed for any --host but loopback). SVC_STUDIO_AUTH=USER:PASS does the "
+                   "same and keeps the password out of the process list.")
 @with_workspace
 def studio(ws: Workspace, port: int, host: str, dagster_url: str, tensorboard_url: str,
-           max_upload_minutes: float) -> None:
+           max_upload_minutes: float, max_upload_mb: int, auth_text: str | None) -> None:
     """Open the studio in the browser: convert (upload or record), add singers, train and promote."""
-    from orchestration.studio import Studio, serve
+    from orchestration.studio import Studio
+    from orchestration.studio.app import StudioAuthError, parse_auth, serve
 
-    click.echo(f"studio on workspace {ws.root}: http://{host}:{port}")
+    try:
+        auth = parse_auth(auth_text, host)
+    except StudioAuthError as exc:
+        _fail(str(exc))
+    click.echo(f"studio on workspace {ws.root}: http://{host}:{port}"
+               + (f" (login required: user {auth[0]!r})" if auth else " (no login: this machine only)"))
     serve(Studio(ws, dagster_url=dagster_url, tensorboard_url=tensorboard_url, max_upload_s=max_upload_minutes * 60),
-          host=host, port=port)
+          host=host, port=port, auth=auth, max_file_size=max_upload_mb * 1024 * 1024)
 
 
 @main.command()
@@ -498,198 +478,26 @@ def tensorboard(ws: Workspace, port: int, host: str) -> None:
     os.execve(cmd[0], cmd, ws.env())  # exec, as `svc ui`: stopping `svc tensorboard` stops TensorBoard
 
 
-DEMO_SOURCE = DEMO_VOICES_DIR / "speaker-d" / "57.flac"  # the held-back voice, used as the song to convert
-DEMO_NEW_SINGER = "speaker-d"  # added in the demo's last act
-DEMO_FINE_TUNE_STEPS = 100
-
-
-DEMO_FORCE_REASON = ("offline CPU demo: the tiny profile trains for minutes on two cores with a random HuBERT and "
-                     "does not reach the evaluation thresholds; promoted so that conversion can be shown")
-
-
-def _demo_promote(ws: Workspace) -> str:
-    """Promote the candidate; where the rules refuse it, show why and force it with a recorded reason."""
-    from assets import tracking
-    from assets.promotion import PromotionError, promote
-
-    production = tracking.alias_version(ws, tracking.PRODUCTION)
-    if production is not None:  # a person promotes later candidates (the last act leaves one)
-        click.echo(f"version {production.version} is already in production (reusing)")
-        return "already in production"
-    try:
-        done = promote(ws)
-    except PromotionError as exc:
-        click.secho(f"promotion refused: {exc}", fg="yellow")
-        click.echo(f"forcing it for the demo, with the reason recorded on the version: {DEMO_FORCE_REASON}")
-        done = promote(ws, force=True, reason=DEMO_FORCE_REASON)
-    click.echo(done.message)
-    return "forced, reason recorded" if done.forced else "passed its checks"
-
-
-def _demo_conversions(ws: Workspace, checkpoint: Path) -> list[str]:
-    from svc_model.audio import write_audio
-    from svc_model.infer import Converter
-
-    converter = Converter.from_checkpoint(checkpoint, root=ws.root)
-    lines = []
-    for singer in DEMO_SINGERS:
-        out = ws.outputs_dir / "demo" / f"{DEMO_SOURCE.stem}-to-{singer}.wav"
-        result = converter.convert(str(DEMO_SOURCE), singer, "auto")
-        write_audio(out, result.audio, result.sample_rate)
-        lines.append(f"{out.relative_to(ws.root)}: {len(result.audio) / result.sample_rate:.1f} s, shift "
-                     f"{result.pitch_shift:+.0f} st, {result.seconds:.1f} s to convert")
-        click.echo(f"  wrote {lines[-1]}")
-    return lines
-
-
-def _print_singer_table(ws: Workspace, singers: list[str]) -> None:
-    """Segments, minutes and pitch statistics per singer, and which extractors made the features."""
-    import pandas as pd
-
-    from svc_model.preprocess import load_manifest
-
-    click.echo(f"{'singer':<12} {'files':>5} {'segments':>8} {'minutes':>8} {'voiced':>7} {'median f0':>10}")
-    backends = {}
-    for singer in singers:
-        manifest = load_manifest(ws.partition_dir("clean_audio", singer))
-        pitch_dir = ws.partition_dir("pitch", singer)
-        voiced, f0 = "-", "-"
-        if (pitch_dir / "manifest.parquet").exists():
-            pitch = pd.read_parquet(pitch_dir / "manifest.parquet")
-            weights = pitch["frames"] / pitch["frames"].sum()
-            voiced = f"{(pitch['voiced_ratio'] * weights).sum():.2f}"
-            f0 = f"{pitch['median_f0_hz'].median():.0f} Hz"
-        for feature in ("pitch", "ppg", "vec", "speaker_embedding"):
-            path = ws.partition_dir(feature, singer) / "manifest.parquet"
-            if path.exists():
-                row = pd.read_parquet(path, columns=["backend", "pretrained"]).iloc[0]
-                backends[feature] = f"{row['backend']} ({'pretrained' if row['pretrained'] else 'RANDOM weights'})"
-        click.echo(f"{singer:<12} {manifest['source_file'].nunique():>5} {len(manifest):>8} "
-                   f"{manifest['duration_s'].sum() / 60:>8.2f} {voiced:>7} {f0:>10}")
-    for feature, backend in backends.items():
-        click.echo(f"  {feature:<18} {backend}")
-
-
-def print_next_steps(ws: Workspace) -> None:
-    venv_bin = Path(sys.executable).parent
-    click.echo("\nWhere to look next:")
-    click.echo(f"  Dagster UI:  {venv_bin / 'svc'} -C {ws.root} ui        # then http://127.0.0.1:3000")
-    click.echo(f"  MLflow UI:   {venv_bin / 'mlflow'} ui --backend-store-uri {ws.tracking_uri} "
-               f"--default-artifact-root {ws.artifact_root} --port 5000")
-    click.echo(f"  TensorBoard: {venv_bin / 'svc'} -C {ws.root} tensorboard   # then http://127.0.0.1:6006")
-    click.echo(f"  Studio:      {venv_bin / 'svc'} -C {ws.root} studio        # then http://127.0.0.1:7860")
-    click.echo(f"  Status:      {venv_bin / 'svc'} -C {ws.root} status; {venv_bin / 'svc'} -C {ws.root} models")
-
-
 @main.command()
 @click.option("-C", "--workspace", "workspace_dir", type=click.Path(file_okay=False), default=None,
               help="Demo workspace (default: demo/ under the project; a rerun reuses it).")
 @click.option("--steps", "train_steps", type=int, default=None,
               help="Training steps (default: the config's train.steps, 300).")
-@click.option("--fine-tune-steps", type=int, default=DEMO_FINE_TUNE_STEPS, show_default=True,
+@click.option("--fine-tune-steps", type=int, default=100, show_default=True,  # demo.DEMO_FINE_TUNE_STEPS, not
+              # imported here: every `svc` command would pay for loading the demo's dependencies
               help="Steps of the fine-tune after the fourth singer is added.")
 @click.pass_context
 def demo(ctx: click.Context, workspace_dir: str | None, train_steps: int | None, fine_tune_steps: int) -> None:
     """Offline CPU demo: three bundled voices through Dagster (clean audio, features), a tiny model trained on the
     CPU, a held-back voice converted into each singer; then the fourth voice is added, only its partitions are
     built, and the model is fine-tuned into a 'candidate' version."""
-    from assets import tracking
-    from orchestration.build import asset_status, open_instance
-    from orchestration.build import build as run_build
-    from orchestration.definitions import build_definitions
+    from orchestration.demo import run_demo
 
-    started = time.perf_counter()
     root = Path(workspace_dir or (ctx.obj or {}).get("workspace_dir") or PROJECT_ROOT / "demo")
-    click.secho(f"== VoiceCraft SVC demo in {root}", bold=True)
     try:
-        ws = init_workspace(root)
-        instance = open_instance(ws)
-        for singer in DEMO_SINGERS:
-            if singer in ws.singers():
-                click.echo(f"singer {singer!r} already added (reusing)")
-                continue
-            _add_singer(ws, singer, [str(DEMO_VOICES_DIR / singer)], append=False, push=True, instance=instance)
-        t_build = time.perf_counter()
-        click.secho("== building clean_audio and the features (only stale or missing partitions)", bold=True)
-        steps = run_build(ws, instance=instance, log=click.echo)
-        build_s = time.perf_counter() - t_build
-        t_train = time.perf_counter()
-        defs = build_definitions(ws)
-        if all(asset_status(defs, instance, a) == "fresh" for a in ("svc_checkpoint", "evaluation_report")):
-            click.echo("the model is already trained and evaluated on the current training set (reusing)")
-        else:
-            click.secho(f"== training the {ws.settings.config} model on the CPU through Dagster: training_set -> "
-                        "svc_checkpoint (MLflow run, registered version) -> evaluation_report", bold=True)
-            _train_in_subprocess(ws, ["--device", "cpu"] + (["--steps", str(train_steps)] if train_steps else []))
-        train_s = time.perf_counter() - t_train
-        click.secho("== promoting the candidate to production", bold=True)
-        promotion = _demo_promote(ws)
-        production = tracking.alias_version(ws, tracking.PRODUCTION)
-        click.secho("== converting a held-back voice into each singer with the production model", bold=True)
-        conversions = _demo_conversions(ws, tracking.download_checkpoint(ws, production))
+        run_demo(root, train_steps=train_steps, fine_tune_steps=fine_tune_steps)
     except (WorkspaceError, ValueError, FileNotFoundError, RuntimeError) as exc:
         _fail(str(exc))
-    click.secho("\n== summary", bold=True)
-    _print_singer_table(ws, DEMO_SINGERS)
-    tags = production.tags or {}
-    client = tracking.client(ws)
-    mel = [m.value for m in sorted(client.get_metric_history(production.run_id, "train/mel"), key=lambda m: m.step)]
-    if mel:
-        click.echo(f"training: {len(mel)} steps, mel loss (mean of 10 steps) {sum(mel[:10]) / len(mel[:10]):.3f} -> "
-                   f"{sum(mel[-10:]) / len(mel[-10:]):.3f}; this invocation {train_s:.0f} s")
-    click.echo(f"model: {ws.settings.registered_model_name} version {production.version} in production "
-               f"({promotion}); MLflow run {tracking.run_url(ws, production.run_id)}")
-    click.echo("evaluation (held-out segments into every singer): " + ", ".join(
-        f"{k} {float(tags[f'eval.{k}']):.3f}" for k in ("f0_corr", "f0_rmse_cents", "vuv_error", "target_similarity",
-                                                       "source_similarity", "reconstruction_mel", "rtf")
-        if f"eval.{k}" in tags) + f"; checks {'passed' if tags.get('eval.passed') == 'true' else 'FAILED: ' + tags.get('eval.failed_checks', '?')}")
-    for line in conversions:
-        click.echo(f"  {line}")
-    click.echo(f"materialized {len(steps)} partition run(s) in {build_s:.1f} s")
-    _demo_add_singer(ws, instance, full_build_s=build_s if steps else None, fine_tune_steps=fine_tune_steps)
-    click.echo(f"demo total {time.perf_counter() - started:.1f} s")
-    print_next_steps(ws)
-
-
-def _demo_add_singer(ws: Workspace, instance, *, full_build_s: float | None, fine_tune_steps: int) -> None:
-    """The incremental path: add the fourth voice, build only its partitions, fine-tune into a 'candidate'."""
-    import json
-
-    from assets import tracking
-    from orchestration.build import asset_status
-    from orchestration.build import build as run_build
-    from orchestration.definitions import build_definitions
-
-    click.secho(f"\n== adding a fourth singer, {DEMO_NEW_SINGER}: only its partitions are built", bold=True)
-    timings = ws.outputs_dir / "demo" / "timings.json"
-    recorded = json.loads(timings.read_text()) if timings.is_file() else {}
-    if full_build_s is not None and DEMO_NEW_SINGER not in ws.singers():
-        recorded["full_build_s"] = round(full_build_s, 1)  # the first build, of the three first singers
-        atomic_write_text(timings, json.dumps(recorded))
-    if DEMO_NEW_SINGER in ws.singers():
-        click.echo(f"singer {DEMO_NEW_SINGER!r} already added (reusing)")
-    else:
-        _add_singer(ws, DEMO_NEW_SINGER, [str(DEMO_VOICES_DIR / DEMO_NEW_SINGER)], append=False, push=True,
-                    instance=instance)
-    t_build = time.perf_counter()
-    steps = run_build(ws, instance=instance, log=click.echo)
-    build_s = time.perf_counter() - t_build
-    built = [f"{a}[{step.singer}]" for step in steps for a in step.assets]
-    first = recorded.get("full_build_s")
-    click.echo(f"materialized {len(built)} partition(s): {', '.join(built) or 'none (up to date)'} in {build_s:.1f} s"
-               + (f"; the first full build of {len(DEMO_SINGERS)} singers took {first:.1f} s" if first else ""))
-    if asset_status(build_definitions(ws), instance, "training_set") == "fresh":
-        click.echo("the training set already includes every singer (reusing the fine-tuned version)")
-    else:
-        click.secho(f"== fine-tuning the production model on {len(ws.singers())} singers for {fine_tune_steps} steps "
-                    "-> evaluation -> a 'candidate' version", bold=True)
-        _train_in_subprocess(ws, ["--device", "cpu", "--fine-tune", "--steps", str(fine_tune_steps)])
-    candidate = tracking.alias_version(ws, tracking.CANDIDATE)
-    production = tracking.alias_version(ws, tracking.PRODUCTION)
-    base = tracking.client(ws).get_run(candidate.run_id).data.tags.get("fine_tuned_from_version") or "-"
-    click.echo(f"version {candidate.version} (fine-tuned from version {base}) is 'candidate'; production stays "
-               f"version {production.version}. Compare with `svc -C {ws.root} models`, promote with "
-               f"`svc -C {ws.root} promote`")
 
 
 if __name__ == "__main__":  # pragma: no cover

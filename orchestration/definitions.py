@@ -8,7 +8,7 @@ from __future__ import annotations
 import dagster as dg
 
 from assets.evaluation import evaluation_report, production_model
-from assets.features import frames_aligned, pitch, ppg, speaker_embedding, vec
+from assets.features import FEATURE_CHECKS, pitch, ppg, speaker_embedding, vec
 from assets.ingest import clean_audio, raw_recordings, singer_roster
 from assets.resources import FeatureExtractorsResource, WorkspaceResource
 from assets.training import svc_checkpoint, training_set
@@ -18,7 +18,7 @@ from orchestration.sensors import singer_sensor
 
 ASSETS = [raw_recordings, singer_roster, clean_audio, pitch, ppg, vec, speaker_embedding, training_set, svc_checkpoint,
           evaluation_report, production_model]
-ASSET_CHECKS = [frames_aligned]
+ASSET_CHECKS = FEATURE_CHECKS
 
 # Eager conditions only act while this sensor runs (under `dagster dev` or the daemon).
 automation_sensor = dg.AutomationConditionSensorDefinition(
@@ -30,9 +30,13 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
 
 
 def build_definitions(workspace: Workspace | None = None) -> dg.Definitions:
+    """The workspace's Definitions. Code versions follow its config (``assets.versions``), so materialize through
+    ``defs.assets`` / ``defs.asset_checks``, not the bare ``ASSETS``, or the recorded versions will not match."""
+    from assets.versions import bind_code_versions
+
     ws = workspace or Workspace.discover()
     return dg.Definitions(
-        assets=ASSETS,
+        assets=bind_code_versions(ASSETS, ws.config()),
         asset_checks=ASSET_CHECKS,
         sensors=[singer_sensor, automation_sensor],
         jobs=[build_singer_job, train_job, promote_job],

@@ -10,6 +10,7 @@ import dagster as dg
 
 from assets.partitions import SINGERS, singers_partitions
 from assets.resources import WorkspaceResource
+from assets.workspace import WorkspaceBusy
 from orchestration.singers import plan_singer_sync, raw_recordings_observation, roster_observation
 
 
@@ -22,10 +23,15 @@ from orchestration.singers import plan_singer_sync, raw_recordings_observation, 
 )
 def singer_sensor(context: dg.SensorEvaluationContext, workspace: WorkspaceResource) -> dg.SensorResult:
     ws = workspace.get()
-    for folder in ws.untracked_singer_dirs():
-        if not folder.startswith(".staging-"):
-            context.log.warning(f"data/raw/{folder}/ is not tracked by DVC yet; run `dvc add data/raw/{folder}`")
-    plan = plan_singer_sync(ws, context.instance)
+    try:
+        # Not while `svc add-singer`/`remove-singer` holds the workspace lock: their folder, .dvc file and partition
+        # change together, and a look in between would see a singer half added or half removed.
+        with ws.lock("singer_sensor", timeout=0, log=context.log.info):
+            for folder in ws.untracked_singer_dirs():
+                context.log.warning(f"data/raw/{folder}/ is not tracked by DVC yet; run `dvc add data/raw/{folder}`")
+            plan = plan_singer_sync(ws, context.instance)
+    except WorkspaceBusy as exc:
+        return dg.SensorResult(skip_reason=f"the next tick will look again: {exc}")
     if not plan.new and not plan.changed:
         return dg.SensorResult(skip_reason="no new or changed singers")
     events = [raw_recordings_observation(s, plan.versions[s]) for s in plan.new + plan.changed]

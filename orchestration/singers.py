@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -83,16 +82,19 @@ def plan_singer_sync(ws: Workspace, instance: dg.DagsterInstance) -> SingerSync:
 
 
 def register_singer(ws: Workspace, instance: dg.DagsterInstance, singer: str) -> str:
-    """Add the partition (if new) and record the current DVC md5 as the data version. Returns the md5."""
-    version = ws.singer_data_version(singer)
-    if version is None:
-        raise WorkspaceError(f"{ws.singer_dvc_file(singer)}: missing; run `dvc add data/raw/{singer}` first")
-    if not instance.has_dynamic_partition(SINGERS, singer):
-        instance.add_dynamic_partitions(SINGERS, [singer])
-        observe_roster(instance)
-    if latest_observed_version(instance, singer) != version:
-        instance.report_runless_asset_event(raw_recordings_observation(singer, version))
-    return version
+    """Add the partition (if new) and record the current DVC md5 as the data version. Returns the md5.
+
+    Holds the workspace lock, so the check-then-add cannot interleave with another registration or removal."""
+    with ws.lock(f"registering singer {singer!r}"):
+        version = ws.singer_data_version(singer)
+        if version is None:
+            raise WorkspaceError(f"{ws.singer_dvc_file(singer)}: missing; run `dvc add data/raw/{singer}` first")
+        if not instance.has_dynamic_partition(SINGERS, singer):
+            instance.add_dynamic_partitions(SINGERS, [singer])
+            observe_roster(instance)
+        if latest_observed_version(instance, singer) != version:
+            instance.report_runless_asset_event(raw_recordings_observation(singer, version))
+        return version
 
 
 # ---- copying recordings ------------------------------------------------------------------------------------------
@@ -139,6 +141,17 @@ def _expand(paths: Iterable[str | Path]) -> tuple[list[tuple[Path, str]], list[t
     return found, skipped
 
 
+def _check_existence(ws: Workspace, singer: str, append: bool) -> bool:
+    """Whether the singer exists; refuses a new singer that exists and an append to one that does not."""
+    target = ws.singer_raw_dir(singer)
+    exists = target.exists() or ws.singer_dvc_file(singer).exists()
+    if exists and not append:
+        raise WorkspaceError(f"singer {singer!r} already exists in {target}; use --append to add recordings")
+    if append and not exists:
+        raise WorkspaceError(f"singer {singer!r} does not exist yet; drop --append to create it")
+    return exists
+
+
 def add_singer(
     ws: Workspace,
     singer: str,
@@ -148,35 +161,35 @@ def add_singer(
     instance: dg.DagsterInstance | None = None,
     push: bool = True,
     log: Callable[[str], None] = print,
+    lock_timeout: float | None = None,
 ) -> AddSingerReport:
     """Copy, validate and version a singer's recordings; register the singer in Dagster.
 
-    The originals are only read. Files are validated while copied into a staging folder under ``data/raw``;
-    only when at least one usable file remains are they moved into ``data/raw/<singer>/``, then ``dvc add``
-    and ``dvc push`` run. If anything fails before the move, ``data/raw`` is unchanged.
+    The originals are only read. Files are validated while copied into a staging folder under ``data/raw``
+    (without the workspace lock: decoding is the slow part). Then, holding the workspace lock (see
+    :meth:`Workspace.lock`), the singer's existence is checked again (another `svc add-singer` of the same name
+    may have won meanwhile), duplicates against what is already there are skipped, the files are moved into
+    ``data/raw/<singer>/``, and ``dvc add``, ``dvc push`` and the registration run. If anything fails before the
+    move, or the lock is not had within ``lock_timeout``, ``data/raw`` is unchanged.
     """
     from svc_model.audio import AudioError, load_recording
+    from svc_model.storage import sweep_stale_temps, temp_sibling
 
     validate_singer_name(singer)
     ws.ensure_runtime_dirs()
     target = ws.singer_raw_dir(singer)
-    exists = target.exists() or ws.singer_dvc_file(singer).exists()
-    if exists and not append:
-        raise WorkspaceError(f"singer {singer!r} already exists in {target}; use --append to add recordings")
-    if append and not exists:
-        raise WorkspaceError(f"singer {singer!r} does not exist yet; drop --append to create it")
+    _check_existence(ws, singer, append)  # refuse early, before any decoding; checked again under the lock
     cfg = ws.config().audio
-    report = AddSingerReport(singer=singer, previous_version=ws.singer_data_version(singer) if exists else None)
+    report = AddSingerReport(singer=singer)
     candidates, report.skipped = _expand(paths)
     for path, reason in report.skipped:
         log(f"  skip {path}: {reason}")
 
-    existing = {}
-    if target.is_dir():
-        existing = {_md5(p): str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()}
-    staging = ws.raw_dir / f".staging-{singer}-{uuid.uuid4().hex[:8]}"
+    sweep_stale_temps(ws.raw_dir)  # staging folders of add-singer runs that were killed
+    staging = temp_sibling(target)
     staging.mkdir(parents=True)
     try:
+        staged: list[tuple[Path, str, str, object]] = []  # (source, name, md5, recording)
         seen: dict[str, str] = {}
         for source, name in candidates:
             try:
@@ -186,46 +199,67 @@ def add_singer(
                 log(f"  skip {source}: {exc.problem}")
                 continue
             digest = _md5(source)
-            duplicate_of = existing.get(digest) or seen.get(digest)
-            if duplicate_of:
-                report.skipped.append((str(source), f"same content as {duplicate_of} (already added)"))
-                log(f"  skip {source}: same content as {duplicate_of}")
+            if digest in seen:
+                report.skipped.append((str(source), f"same content as {seen[digest]} (already added)"))
+                log(f"  skip {source}: same content as {seen[digest]}")
                 continue
-            if (target / name).exists() or (staging / name).exists():
-                report.skipped.append((str(source), f"a different file named {name} is already in {target}"))
-                log(f"  skip {source}: a different file named {name} exists; rename it")
+            if (staging / name).exists():
+                report.skipped.append((str(source), f"a different file named {name} is already in this batch"))
+                log(f"  skip {source}: a different file named {name} is in this batch; rename it")
                 continue
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, staging / name)
             seen[digest] = name
-            report.added.append((name, rec.duration_s))
-            report.notes += [(name, note) for note in rec.notes]
-            log(f"  add  {source} -> data/raw/{singer}/{name} ({rec.duration_s:.1f} s)")
-        if not report.added:
+            staged.append((source, name, digest, rec))
+
+        def nothing_usable() -> WorkspaceError:
             detail = "; ".join(f"{p}: {why}" for p, why in report.skipped) or "no files given"
-            raise WorkspaceError(f"singer {singer!r}: no usable recordings, nothing was added ({detail})")
-        if target.exists():
-            for src in sorted(p for p in staging.rglob("*") if p.is_file()):
-                dest = target / src.relative_to(staging)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                src.rename(dest)
-        else:
-            staging.rename(target)
+            return WorkspaceError(f"singer {singer!r}: no usable recordings, nothing was added ({detail})")
+
+        if not staged:
+            raise nothing_usable()
+        with ws.lock(f"add-singer {singer!r}", timeout=lock_timeout, log=log):
+            exists = _check_existence(ws, singer, append)
+            report.previous_version = ws.singer_data_version(singer) if exists else None
+            existing = {}
+            if target.is_dir():
+                existing = {_md5(p): str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()}
+            for source, name, digest, rec in staged:
+                if digest in existing:
+                    report.skipped.append((str(source), f"same content as {existing[digest]} (already added)"))
+                    log(f"  skip {source}: same content as {existing[digest]}")
+                elif (target / name).exists():
+                    report.skipped.append((str(source), f"a different file named {name} is already in {target}"))
+                    log(f"  skip {source}: a different file named {name} exists; rename it")
+                else:
+                    report.added.append((name, rec.duration_s))
+                    report.notes += [(name, note) for note in rec.notes]
+                    log(f"  add  {source} -> data/raw/{singer}/{name} ({rec.duration_s:.1f} s)")
+                    continue
+                (staging / name).unlink()
+            if not report.added:
+                raise nothing_usable()
+            if exists:
+                for name, _ in report.added:
+                    dest = target / name
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    (staging / name).rename(dest)
+            else:
+                staging.rename(target)
+            try:
+                ws.run_tool("dvc", "add", "-q", str(target.relative_to(ws.root)))
+            except WorkspaceError:
+                if not exists:  # leave data/raw as it was
+                    shutil.rmtree(target, ignore_errors=True)
+                raise
+            report.data_version = ws.singer_data_version(singer)
+            if push:
+                ws.run_tool("dvc", "push", "-q", str(ws.singer_dvc_file(singer).relative_to(ws.root)))
+                report.pushed = True
+            if instance is not None:
+                register_singer(ws, instance, singer)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-    try:
-        ws.run_tool("dvc", "add", "-q", str(target.relative_to(ws.root)))
-    except WorkspaceError:
-        if not exists:  # leave data/raw as it was
-            shutil.rmtree(target, ignore_errors=True)
-        raise
-    report.data_version = ws.singer_data_version(singer)
-    if push:
-        ws.run_tool("dvc", "push", "-q", str(ws.singer_dvc_file(singer).relative_to(ws.root)))
-        report.pushed = True
-    if instance is not None:
-        register_singer(ws, instance, singer)
     return report
 
 
@@ -249,32 +283,33 @@ def remove_singer(ws: Workspace, singer: str, instance: dg.DagsterInstance, *,
     from orchestration.jobs import PER_SINGER_ASSETS
 
     validate_singer_name(singer)
-    raw, dvc_file = ws.singer_raw_dir(singer), ws.singer_dvc_file(singer)
-    registered = instance.has_dynamic_partition(SINGERS, singer)
-    if not (raw.exists() or dvc_file.exists() or registered):
-        raise WorkspaceError(f"no singer {singer!r} in {ws.root} (singers: {', '.join(ws.singers()) or 'none'})")
-    if dvc_file.exists() and raw.exists():
-        status = ws.run_tool("dvc", "status", "-q", str(dvc_file.relative_to(ws.root)), check=False)
-        if status.returncode != 0:
-            raise WorkspaceError(f"data/raw/{singer}/ has changes that DVC has not recorded; run "
-                                 f"`dvc add data/raw/{singer}` (or `svc add-singer {singer} --append`) first, "
-                                 "so that nothing is lost")
-    report = RemovalReport(singer)
-    for asset in PER_SINGER_ASSETS:
-        if ws.remove_partition(asset, singer):
-            report.derived_removed.append(asset)
-            log(f"  removed data/derived/{asset}/{singer}/")
-    if dvc_file.exists():
-        # Without --outs: DVC only forgets the output; the cache (and the remote) keep the recordings.
-        ws.run_tool("dvc", "remove", "-q", str(dvc_file.relative_to(ws.root)))
-        log(f"  removed data/raw/{singer}.dvc (the recordings stay in DVC's cache and in git history)")
-    if raw.exists():
-        shutil.rmtree(raw)
-        report.raw_removed = True
-        log(f"  removed the working copy data/raw/{singer}/")
-    if registered:
-        instance.delete_dynamic_partition(SINGERS, singer)
-        observe_roster(instance)
-        report.partition_removed = True
-        log(f"  removed Dagster partition {singer!r}; training_set now needs a rebuild")
+    with ws.lock(f"remove-singer {singer!r}", log=log):
+        raw, dvc_file = ws.singer_raw_dir(singer), ws.singer_dvc_file(singer)
+        registered = instance.has_dynamic_partition(SINGERS, singer)
+        if not (raw.exists() or dvc_file.exists() or registered):
+            raise WorkspaceError(f"no singer {singer!r} in {ws.root} (singers: {', '.join(ws.singers()) or 'none'})")
+        if dvc_file.exists() and raw.exists():
+            status = ws.run_tool("dvc", "status", "-q", str(dvc_file.relative_to(ws.root)), check=False)
+            if status.returncode != 0:
+                raise WorkspaceError(f"data/raw/{singer}/ has changes that DVC has not recorded; run "
+                                     f"`dvc add data/raw/{singer}` (or `svc add-singer {singer} --append`) first, "
+                                     "so that nothing is lost")
+        report = RemovalReport(singer)
+        for asset in PER_SINGER_ASSETS:
+            if ws.remove_partition(asset, singer):
+                report.derived_removed.append(asset)
+                log(f"  removed data/derived/{asset}/{singer}/")
+        if dvc_file.exists():
+            # Without --outs: DVC only forgets the output; the cache (and the remote) keep the recordings.
+            ws.run_tool("dvc", "remove", "-q", str(dvc_file.relative_to(ws.root)))
+            log(f"  removed data/raw/{singer}.dvc (the recordings stay in DVC's cache and in git history)")
+        if raw.exists():
+            shutil.rmtree(raw)
+            report.raw_removed = True
+            log(f"  removed the working copy data/raw/{singer}/")
+        if registered:
+            instance.delete_dynamic_partition(SINGERS, singer)
+            observe_roster(instance)
+            report.partition_removed = True
+            log(f"  removed Dagster partition {singer!r}; training_set now needs a rebuild")
     return report

@@ -14,6 +14,15 @@ import numpy as np
 from svc_model.config import AudioConfig
 
 SUPPORTED_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".m4a")
+# Sample rates outside telephony's 8 kHz .. the 768 kHz of the fastest converters are a corrupt header, not audio.
+MIN_AUDIO_SAMPLE_RATE = 8000
+MAX_AUDIO_SAMPLE_RATE = 768000
+# Float samples can exceed full scale (1.0) a little after processing; +60 dBFS is a corrupt or byte-swapped file.
+MAX_FLOAT_PEAK = 1000.0
+# Decoding stops past this many seconds, whatever the header says: a header may declare hours (or 4 GiB) of
+# samples that the file does not hold, and reading would allocate all of it first.
+DEFAULT_MAX_DECODE_S = 3600.0
+_BLOCK_SAMPLES = 1 << 22  # frames x channels per read: 16 MiB of float32 whatever the channel count
 
 
 class AudioError(ValueError):
@@ -44,14 +53,40 @@ def is_audio_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in SUPPORTED_EXTENSIONS
 
 
-def _decode_soundfile(path: Path) -> tuple[np.ndarray, int]:
+def _too_long(path: Path, seconds: float, max_s: float) -> AudioError:
+    return AudioError(path, f"too long: more than {seconds / 60:.1f} min > {max_s / 60:.0f} min limit; split it first")
+
+
+def _check_rate(path: Path, sr: int) -> None:
+    if not MIN_AUDIO_SAMPLE_RATE <= sr <= MAX_AUDIO_SAMPLE_RATE:
+        raise AudioError(path, f"sample rate {sr} Hz is not an audio rate ({MIN_AUDIO_SAMPLE_RATE}.."
+                               f"{MAX_AUDIO_SAMPLE_RATE} Hz): a corrupt header?")
+
+
+def _decode_soundfile(path: Path, max_s: float) -> tuple[np.ndarray, int]:
     import soundfile as sf
 
-    data, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    return data.T, int(sr)
+    # Block by block rather than sf.read: sf.read allocates the frame count the header declares before reading.
+    with sf.SoundFile(str(path)) as fh:
+        sr, channels = int(fh.samplerate), int(fh.channels)
+        _check_rate(path, sr)
+        limit = int(max_s * sr)
+        step = max(1, _BLOCK_SAMPLES // max(1, channels))
+        blocks, total = [], 0
+        while True:
+            block = fh.read(frames=step, dtype="float32", always_2d=True)
+            if not len(block):
+                break
+            blocks.append(block)
+            total += len(block)
+            if total > limit:
+                raise _too_long(path, total / sr, max_s)
+    if not blocks:
+        return np.zeros((max(channels, 1), 0), dtype=np.float32), sr
+    return np.concatenate(blocks).T, sr
 
 
-def _decode_av(path: Path) -> tuple[np.ndarray, int]:
+def _decode_av(path: Path, max_s: float) -> tuple[np.ndarray, int]:
     # libsndfile has no AAC (m4a); PyAV bundles FFmpeg's decoders.
     import av
 
@@ -62,30 +97,51 @@ def _decode_av(path: Path) -> tuple[np.ndarray, int]:
         stream = streams[0]
         chunks = []
         sr = stream.codec_context.sample_rate or stream.rate
+        if sr:
+            _check_rate(path, int(sr))
+        total = 0
         for frame in container.decode(stream):
-            arr = frame.to_ndarray()
+            total += frame.samples
+            if sr and total > max_s * sr:
+                raise _too_long(path, total / sr, max_s)
+            arr = _full_scale(frame.to_ndarray())
             if frame.format.is_planar:
-                chunks.append(arr.astype(np.float32))
+                chunks.append(arr)
             else:  # packed: one row of interleaved samples
-                chunks.append(arr.reshape(-1, len(frame.layout.channels)).T.astype(np.float32))
+                chunks.append(arr.reshape(-1, len(frame.layout.channels)).T)
     if not chunks:
         return np.zeros((1, 0), dtype=np.float32), int(sr or 0)
-    data = np.concatenate(chunks, axis=1)
-    if np.issubdtype(data.dtype, np.integer):  # pragma: no cover - FFmpeg decoders here output float
-        data = data / float(np.iinfo(data.dtype).max)
-    return data.astype(np.float32), int(sr)
+    return np.concatenate(chunks, axis=1), int(sr)
+
+
+def _full_scale(arr: np.ndarray) -> np.ndarray:
+    """FFmpeg's samples as float32 in [-1, 1]. Its FLAC and PCM decoders give integers (s16, s32, u8): cast
+    unscaled, a WAV that only FFmpeg could read came out 90 dB too loud (found by tests/test_fuzz.py)."""
+    if np.issubdtype(arr.dtype, np.unsignedinteger):
+        half = (int(np.iinfo(arr.dtype).max) + 1) / 2
+        return ((arr.astype(np.float64) - half) / half).astype(np.float32)
+    if np.issubdtype(arr.dtype, np.integer):
+        return (arr.astype(np.float64) / -float(np.iinfo(arr.dtype).min)).astype(np.float32)
+    return arr.astype(np.float32)
+
+
+def _probe(path: Path) -> tuple[int, int] | None:
+    """``(frames, sample rate)`` from a header libsndfile reads, without decoding; ``None`` if it cannot."""
+    try:
+        import soundfile as sf
+
+        info = sf.info(str(path))
+        return (int(info.frames), int(info.samplerate)) if info.samplerate else None
+    except Exception:
+        return None
 
 
 def probe_duration(path: str | Path) -> float | None:
     """Duration from the header, without decoding; ``None`` when the header does not say."""
     path = Path(path)
-    try:
-        import soundfile as sf
-
-        info = sf.info(str(path))
-        return info.frames / info.samplerate if info.samplerate else None
-    except Exception:
-        pass
+    header = _probe(path)
+    if header is not None:
+        return header[0] / header[1]
     try:
         import av
 
@@ -97,8 +153,12 @@ def probe_duration(path: str | Path) -> float | None:
     return None
 
 
-def decode(path: str | Path) -> tuple[np.ndarray, int]:
-    """Decode a file to ``(channels, samples)`` float32 and its sample rate. Raises :class:`AudioError`."""
+def decode(path: str | Path, max_s: float = DEFAULT_MAX_DECODE_S) -> tuple[np.ndarray, int]:
+    """Decode a file to ``(channels, samples)`` float32 and its sample rate. Raises :class:`AudioError`.
+
+    Whatever the file holds, the result has samples, an audio sample rate (8..768 kHz), finite values within
+    +60 dBFS, and at most ``max_s`` seconds (decoding stops there, so a lying header cannot exhaust memory).
+    """
     path = Path(path)
     if not path.is_file():
         raise AudioError(path, "file not found")
@@ -110,10 +170,25 @@ def decode(path: str | Path) -> tuple[np.ndarray, int]:
     decoders = (_decode_av,) if path.suffix.lower() == ".m4a" else (_decode_soundfile, _decode_av)
     for decoder in decoders:
         try:
-            return decoder(path)
-        except Exception as exc:  # decoders raise many types; the message is what matters
+            data, sr = decoder(path, max_s)
+            break
+        except AudioError:
+            raise
+        except Exception as exc:  # decoders raise many types (MemoryError included); the message is what matters
             errors.append(f"{type(exc).__name__}: {exc}")
-    raise AudioError(path, f"cannot decode as audio (corrupt or not a {path.suffix} file): {errors[-1]}")
+    else:
+        raise AudioError(path, f"cannot decode as audio (corrupt or not a {path.suffix} file): {errors[-1]}")
+    if data.ndim != 2 or data.shape[0] == 0 or data.shape[1] == 0 or sr <= 0:
+        raise AudioError(path, "no audio samples")
+    _check_rate(path, sr)
+    if not np.isfinite(data).all():
+        bad = int((~np.isfinite(data)).sum())
+        raise AudioError(path, f"contains {bad} NaN or inf samples (or values beyond the float32 range)")
+    peak = float(np.abs(data).max())
+    if peak > MAX_FLOAT_PEAK:
+        raise AudioError(path, f"samples reach {peak:.3g}, {20 * math.log10(peak):.0f} dB above full scale: a corrupt "
+                               "float file (or the wrong byte order), not a recording")
+    return data, sr
 
 
 def to_mono(audio: np.ndarray) -> np.ndarray:
@@ -134,25 +209,22 @@ def resample(audio: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
 def load_recording(path: str | Path, cfg: AudioConfig | None = None) -> Recording:
     """Decode and validate one recording; raises :class:`AudioError` naming the file and the problem.
 
-    Checks, in order: exists, not empty, supported extension, not over ``max_file_s`` (from the header, before
-    decoding), decodes, has samples, no NaN/inf, sample rate at least ``min_input_sample_rate``, at least
-    ``min_file_s`` long, not silent. Stereo is mixed to mono and noted.
+    Checks, in order: exists, not empty, supported extension, an audio sample rate and not over ``max_file_s``
+    (from the header, before decoding), decodes (see :func:`decode`: samples, finite, within +60 dBFS), sample rate
+    at least ``min_input_sample_rate``, at least ``min_file_s`` long, not silent. Stereo is mixed to mono and noted.
     """
     cfg = cfg or AudioConfig()
     path = Path(path)
     if path.is_file() and path.stat().st_size > 0 and is_audio_file(path):
-        header_duration = probe_duration(path)
-        if header_duration is not None and header_duration > cfg.max_file_s:
-            raise AudioError(
-                path, f"too long: {header_duration / 60:.1f} min > {cfg.max_file_s / 60:.0f} min limit; split it first"
-            )
-    data, sr = decode(path)
+        header = _probe(path)
+        if header is not None:
+            _check_rate(path, header[1])  # a corrupt rate would otherwise read as hours ("too long")
+            header_duration = header[0] / header[1]
+            if header_duration > cfg.max_file_s:
+                raise AudioError(path, f"too long: {header_duration / 60:.1f} min > {cfg.max_file_s / 60:.0f} min "
+                                       "limit; split it first")
+    data, sr = decode(path, max_s=cfg.max_file_s)  # also refuses empty, NaN/inf and non-audio rates
     channels, n = data.shape
-    if n == 0 or sr <= 0:
-        raise AudioError(path, "no audio samples")
-    if not np.isfinite(data).all():
-        bad = int((~np.isfinite(data)).sum())
-        raise AudioError(path, f"contains {bad} NaN or inf samples")
     if sr < cfg.min_input_sample_rate:
         raise AudioError(
             path,

@@ -240,6 +240,8 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(1000, gt=0)
     validate_every: int = Field(1000, gt=0)
     keep_checkpoints: int = Field(3, gt=0)
+    keep_runs: int = Field(3, ge=0, description="completed tracked run folders (runs/dagster-*) kept per registered "
+                           "model, newest first; incomplete ones are always kept, to resume")
     valid_fraction: float = Field(0.1, ge=0, lt=1, description="segments held out, by a hash of their id")
     loss_weights: LossWeights = LossWeights()
 
@@ -314,6 +316,25 @@ def resolve_config_path(name_or_path: str | Path, base_dir: Path | None = None) 
     if not path.is_absolute() and base_dir is not None:
         path = base_dir / path
     return path
+
+
+def config_files(name_or_path: str | Path = "tiny", base_dir: Path | None = None) -> list[Path]:
+    """The files :func:`load_config` reads for ``name_or_path``: the one it names, then each one it ``extends``
+    (what a pipeline that caches on the config, as DVC's stages do, must depend on). Files that do not exist or
+    do not parse end the list; load_config reports them."""
+    files: list[Path] = []
+    path = resolve_config_path(name_or_path, base_dir)
+    while path.is_file() and path.resolve() not in {f.resolve() for f in files}:
+        files.append(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError:
+            break
+        parent = raw.get("extends") if isinstance(raw, dict) else None
+        if parent is None:
+            break
+        path = resolve_config_path(parent, path.parent)
+    return files
 
 
 def load_config(name_or_path: str | Path = "tiny", base_dir: Path | None = None) -> SVCConfig:

@@ -44,11 +44,32 @@ class ConversionResult:
     seconds: float
 
 
+# The one pitch-shift limit (semitones either way) for the converter, `svc convert` and the studio: two octaves
+# cover moving any voice to any other (a bass's median f0 to a soprano's is about 24); beyond them most voices'
+# shifted f0 leaves the pitch embedding's 50-1100 Hz (model/encoders.py).
+MAX_PITCH_SHIFT = 24
+
+
+def check_pitch_shift(value: float | str) -> float | str:
+    """``"auto"``, or the shift as a float in ``-MAX_PITCH_SHIFT..MAX_PITCH_SHIFT``; raises ValueError saying why."""
+    if value == "auto":
+        return value
+    try:
+        shift = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"pitch_shift must be a number of semitones or 'auto', got {value!r}") from None
+    if not math.isfinite(shift) or abs(shift) > MAX_PITCH_SHIFT:
+        raise ValueError(f"pitch_shift {value!r} is out of range (-{MAX_PITCH_SHIFT}..{MAX_PITCH_SHIFT} semitones)")
+    return shift
+
+
 def auto_shift(source_median_f0: float, target_median_f0: float) -> int:
-    """Semitones that move the source's median f0 to the target's, rounded to a whole semitone."""
+    """Semitones that move the source's median f0 to the target's, rounded to a whole semitone and held within
+    ``MAX_PITCH_SHIFT``."""
     if source_median_f0 <= 0 or target_median_f0 <= 0:
         return 0
-    return int(round(12 * math.log2(target_median_f0 / source_median_f0)))
+    shift = int(round(12 * math.log2(target_median_f0 / source_median_f0)))
+    return max(-MAX_PITCH_SHIFT, min(MAX_PITCH_SHIFT, shift))
 
 
 def chunk_at_silences(audio: np.ndarray, sr: int, max_s: float = 15.0, min_silence_s: float = 0.2,
@@ -93,7 +114,9 @@ class Converter:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", root: str | Path | None = None,
                         extractors: Mapping | None = None) -> "Converter":
-        """``extractors``: already-loaded feature extractors to reuse (``{feature: extractor}``)."""
+        """``path``: a model folder (a registered version: ``generator.safetensors`` + JSON config and singer
+        table), its ``.safetensors`` file, or a training checkpoint ``.pt``, all read without unpickling
+        (:mod:`svc_model.weights`). ``extractors``: already-loaded feature extractors to reuse."""
         from svc_model.train import load_model
 
         model, cfg, ckpt = load_model(path, device)
@@ -135,7 +158,9 @@ class Converter:
         f0s = [(w / total, self.singers[n].median_f0) for n, w in weights.items() if self.singers[n].median_f0 > 0]
         median = math.exp(sum(w * math.log(f) for w, f in f0s) / sum(w for w, _ in f0s)) if f0s else 0.0
         name = "+".join(f"{n}:{w / total:.2f}" for n, w in weights.items())
-        if not self.speaker_encoder.startswith("mozilla-lstm"):  # unit-norm encoders; the anchor's stays a mean
+        from svc_model.features.speaker import unit_norm_encoder
+
+        if unit_norm_encoder(self.speaker_encoder):  # unit-norm encoders; the anchor's (mozilla-lstm) stays a mean
             mixed = mixed / np.linalg.norm(mixed)
         return ResolvedTarget(name, mixed.astype(np.float32), median)
 
@@ -179,7 +204,8 @@ class Converter:
         import torch
 
         started = time.perf_counter()
-        resolved = self.resolve_target(target)  # fail on a bad target before any audio work
+        resolved = self.resolve_target(target)  # fail on a bad target or shift before any audio work
+        pitch_shift = check_pitch_shift(pitch_shift)
         sr = self.cfg.audio.sample_rate
         hop = self.cfg.spectrogram.hop
         audio = self._load(source, sr, source_sr)
@@ -189,12 +215,7 @@ class Converter:
             voiced = pitch_all[pitch_all[:, 1] > 0, 0]
             shift = float(auto_shift(float(np.median(voiced)) if len(voiced) else 0.0, resolved.median_f0))
         else:
-            try:
-                shift = float(pitch_shift)
-            except (TypeError, ValueError):
-                raise ValueError(f"pitch_shift must be a number of semitones or 'auto', got {pitch_shift!r}") from None
-            if not math.isfinite(shift) or abs(shift) > 48:
-                raise ValueError(f"pitch_shift {pitch_shift!r} is out of range (-48..48 semitones)")
+            shift = pitch_shift
         factor = 2.0 ** (shift / 12.0)
 
         pieces = chunk_at_silences(audio, sr, max_chunk_s)
@@ -254,5 +275,5 @@ class Converter:
 
 def convert(source, target: Target, pitch_shift: float | str = 0, *, checkpoint: str | Path,
             device: str = "cpu", **kwargs) -> ConversionResult:
-    """One-shot conversion from a checkpoint file; use :class:`Converter` to convert many sources."""
+    """One-shot conversion from a model folder or checkpoint file; use :class:`Converter` to convert many."""
     return Converter.from_checkpoint(checkpoint, device=device).convert(source, target, pitch_shift, **kwargs)

@@ -9,9 +9,10 @@ The key mapping from the anchor's names to ours is two rules:
 Every key and shape is then checked against the model that the file's own shapes describe; the first mismatch
 is named with what was expected.
 
-Loading a foreign file: ``torch.load(weights_only=True)`` (plain tensors and containers only, no code runs).
-:func:`to_project_checkpoint` then writes the project's own checkpoint format once; the foreign file is not loaded
-again. :func:`download_published` fetches the files in :data:`PUBLISHED`.
+Loading a foreign file: ``torch.load(weights_only=True)`` (plain tensors and containers only, no code runs), and
+only after that every key and shape is checked. :func:`to_project_checkpoint` then writes it once in the project's
+own form, a model folder without pickles (:mod:`svc_model.weights`: ``generator.safetensors`` + JSON config and
+singer table, the discriminator in ``training_state.pt``); the foreign file is not loaded again. :func:`download_published` fetches the files in :data:`PUBLISHED`.
 """
 from __future__ import annotations
 
@@ -246,12 +247,13 @@ def load_speaker_file(path: str | Path, spk_dim: int = 256) -> np.ndarray:
 
 def to_project_checkpoint(anchor: AnchorCheckpoint, base_cfg: SVCConfig, singers: Mapping[str, np.ndarray],
                           out: str | Path) -> Path:
-    """Write ``anchor`` in the project's checkpoint format (what :meth:`svc_model.train.Trainer.state_dict`
-    saves, at step 0) to ``out``, atomically. Returns ``out``.
+    """Write ``anchor`` as a model folder (:func:`svc_model.weights.write_model_folder`: the generator as
+    safetensors, config and singer table as JSON, a pretrain's discriminator in ``training_state.pt``, at step 0)
+    at ``out``, atomically. Returns ``out``.
 
     This is the one place where a foreign checkpoint is converted: the foreign file was read with
-    ``torch.load(weights_only=True)`` (no code ran); the file written here is ours, so
-    :func:`svc_model.train.load_model` and fine-tuning read it as any other checkpoint, and the original is not
+    ``torch.load(weights_only=True)`` (no code ran); the folder written here is ours, so
+    :func:`svc_model.train.load_model` and fine-tuning read it as any registered version, and the original is not
     loaded again.
 
     - ``config``: ``base_cfg`` with its model section replaced by the anchor's (read from the shapes) and the
@@ -264,7 +266,7 @@ def to_project_checkpoint(anchor: AnchorCheckpoint, base_cfg: SVCConfig, singers
       anchor's embeddings are not unit norm and its model reads them unnormalized); no median f0 is known.
     """
     from svc_model.model import SVCModel
-    from svc_model.train import atomic_save
+    from svc_model.weights import write_model_folder
 
     out = Path(out)
     spk_dim = anchor.model_cfg.spk_dim
@@ -296,8 +298,7 @@ def to_project_checkpoint(anchor: AnchorCheckpoint, base_cfg: SVCConfig, singers
     if anchor.discriminator is not None:
         checkpoint["discriminator"] = {k: v.detach().to(torch.float32).contiguous()
                                        for k, v in anchor.discriminator.items()}
-    atomic_save(checkpoint, out)
-    return out
+    return write_model_folder(checkpoint, out)
 
 
 def model_differences(found: ModelConfig, expected: ModelConfig) -> list[tuple[str, object, object]]:

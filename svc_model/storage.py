@@ -17,8 +17,14 @@ from typing import Iterator
 TEMP_MARK = ".tmp-"
 
 
-def _temp_name(final: Path) -> Path:
+def temp_sibling(final: str | Path) -> Path:
+    """A hidden temp name beside ``final`` that carries this process's pid, so :func:`sweep_stale_temps` can tell
+    a killed writer's leftovers from a write in progress. For staging folders that are not a plain replace."""
+    final = Path(final)
     return final.with_name(f".{final.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+_temp_name = temp_sibling
 
 
 @contextlib.contextmanager
@@ -65,12 +71,21 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
-    if final.exists():
-        old = _temp_name(final.with_name(f"old-{final.name}"))
-        final.rename(old)
-    tmp.rename(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        if final.exists():
+            old = _temp_name(final.with_name(f"old-{final.name}"))
+            final.rename(old)
+        tmp.rename(final)
+    except BaseException:
+        # A rename can fail too (ENOSPC on a full directory block, EIO): put the previous folder back.
+        if old is not None and not final.exists():
+            old.rename(final)
+            old = None
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if old is not None and old.exists() and final.exists():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:

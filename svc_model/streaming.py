@@ -28,8 +28,7 @@ import numpy as np
 
 from svc_model.audio import resample
 from svc_model.features.base import fit_frames
-
-MAX_PITCH_SHIFT = 48  # semitones; the file converter's limit too
+from svc_model.infer import check_pitch_shift
 
 
 @dataclass
@@ -215,10 +214,10 @@ class StreamingConverter:
         self._speaker = torch.from_numpy(self.target.embedding)[None].to(self.device)
 
     def set_pitch_shift(self, semitones: float) -> None:
-        shift = float(semitones)
-        if not math.isfinite(shift) or abs(shift) > MAX_PITCH_SHIFT:
-            raise ValueError(f"pitch shift {semitones!r} is out of range (-{MAX_PITCH_SHIFT}..{MAX_PITCH_SHIFT})")
-        self.pitch_shift = shift
+        """Semitones (the file converter's limits; no "auto": a live source has no median f0 yet)."""
+        if semitones == "auto":
+            raise ValueError("pitch shift 'auto' needs the whole source; give semitones when streaming")
+        self.pitch_shift = float(check_pitch_shift(semitones))
 
     @property
     def block_samples(self) -> int:

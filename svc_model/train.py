@@ -68,7 +68,12 @@ def set_seed(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain containers, so a checkpoint loads with ``weights_only=True``
+    (numpy's own state tuple holds an ndarray, which only a full unpickle can rebuild)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -76,7 +81,10 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    if isinstance(n, dict):
+        n = (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    np.random.set_state(n)  # else numpy's own tuple, from a checkpoint written before the dict form
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -87,24 +95,59 @@ def atomic_save(obj, path: Path) -> None:
     from svc_model.storage import atomic_path
 
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as fh:
+            try:
+                torch.save(obj, fh)
+            except RuntimeError as exc:
+                # On a full disk torch reports "unexpected pos 704 vs 598"; the file's OSError (ENOSPC) says why.
+                if isinstance(exc.__context__, OSError):
+                    raise exc.__context__ from exc
+                raise
+            fh.flush()
+            os.fsync(fh.fileno())  # else a full disk can surface only at writeback, after the rename
+
+
+def checkpoints(directory: Path) -> list[Path]:
+    """The ``step-*.pt`` checkpoints in ``directory``, oldest step first (files moved aside are not matched)."""
+    found = [p for p in Path(directory).glob(CHECKPOINT_GLOB) if p.stem.split("-")[-1].isdigit()]
+    return sorted(found, key=checkpoint_step)
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
-    found = sorted(Path(directory).glob(CHECKPOINT_GLOB), key=lambda p: int(p.stem.split("-")[1]))
+    found = checkpoints(directory)
     return found[-1] if found else None
 
 
+def checkpoint_step(path: Path) -> int:
+    return int(Path(path).stem.split("-")[1])
+
+
+def move_aside(path: Path) -> Path:
+    """Rename an unloadable checkpoint to ``<name>.corrupt`` (``.corrupt-2``... if taken): out of the resume scan,
+    kept for inspection, never deleted."""
+    target = path.with_name(path.name + ".corrupt")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt-{n}")
+    os.replace(path, target)
+    return target
+
+
 def load_model(checkpoint: str | Path, device: str = "cpu") -> tuple[SVCModel, SVCConfig, dict]:
-    """An :class:`SVCModel` in eval mode from a checkpoint, with its config and the checkpoint's extras."""
+    """An :class:`SVCModel` in eval mode from a model folder (a registered version: safetensors + JSON), its
+    ``generator.safetensors``, or a training checkpoint ``.pt`` (``weights_only=True``), with its config and the
+    checkpoint's extras. Nothing is unpickled: a file holding a pickled object is refused, naming it."""
+    from svc_model.weights import CheckpointError, read_checkpoint
+
     path = Path(checkpoint)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{path}: checkpoint not found")
+    ckpt = read_checkpoint(path, device)
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
         cfg = SVCConfig.model_validate(ckpt["config"])
-    except Exception as exc:  # a truncated or foreign file
-        raise ValueError(f"{path}: not a VoiceCraft SVC checkpoint ({type(exc).__name__}: {exc})") from exc
+    except Exception as exc:  # a foreign or damaged config
+        raise CheckpointError(f"{path}: not a VoiceCraft SVC checkpoint ({type(exc).__name__}: {exc})") from exc
     model = SVCModel(cfg.model, cfg.spectrogram.n_fft // 2 + 1, cfg.audio.sample_rate)
     model.load_state_dict(ckpt["generator"])
     return model.to(device).eval(), cfg, ckpt
@@ -120,10 +163,16 @@ class Trainer:
     def __init__(self, cfg: SVCConfig, manifest: pd.DataFrame, out_dir: str | Path, *, device: str = "auto",
                  init_from: str | Path | None = None, resume: bool = True,
                  callbacks: Iterable[TrainerCallback] = (), log: Callable[[str], None] = print,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, warn: Callable[[str], None] | None = None):
+        from svc_model.storage import sweep_stale_temps
+
         self.cfg, self.log = cfg, log
+        self.warn = warn if warn is not None else (lambda message: log(f"warning: {message}"))
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        # Half-written checkpoints or history of a killed run (their writer's pid is gone).
+        for stale in sweep_stale_temps(self.out_dir):
+            log(f"removed {stale.name}, left by a killed writer")
         self.device = pick_device(device)
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -168,11 +217,10 @@ class Trainer:
         self.step = 0
         self.init_from = None
         self.base_lr = t.learning_rate
-        latest = latest_checkpoint(self.out_dir) if resume else None
-        if latest is not None:
-            self._restore(latest)
+        self.resumed_from: Path | None = self._resume() if resume else None
+        if self.resumed_from is not None:
             self._trim_history()
-            log(f"resumed from {latest} at step {self.step}")
+            log(f"resuming from step {self.step} (checkpoint {self.resumed_from})")
         elif init_from is not None:
             self._init_weights(Path(init_from))
             self.base_lr = t.fine_tune_learning_rate
@@ -213,8 +261,50 @@ class Trainer:
             "speaker_encoder": self.speaker_encoder,
         }
 
+    def _resume(self) -> Path | None:
+        """Restore the newest loadable checkpoint of ``out_dir``. One that cannot be read (truncated by a kill,
+        overwritten, missing state) is moved aside to ``*.corrupt`` with a warning naming it, and the previous one
+        is tried; with none loadable, training starts over (with a warning)."""
+        found = checkpoints(self.out_dir)
+        for path in reversed(found):
+            try:
+                self._restore(path)
+                return path
+            except (MemoryError, torch.OutOfMemoryError, KeyboardInterrupt):
+                raise  # the machine's problem, not the file's
+            except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped, never fatal
+                aside = move_aside(path)
+                self.warn(f"{path}: checkpoint cannot be loaded ({type(exc).__name__}: {exc}); moved it to "
+                          f"{aside.name} and trying the previous one")
+        if found:
+            self.warn(f"{self.out_dir}: none of the {len(found)} checkpoint(s) could be loaded (moved aside as "
+                      f"*.corrupt); starting over from step 0")
+        return None
+
+    def _check_restorable(self, path: Path, ckpt) -> None:
+        """Everything :meth:`_restore` applies is present and fits this trainer's networks, checked before any of
+        it is applied: a bad file then changes nothing, and the resume can fall back to an older one."""
+        if not isinstance(ckpt, dict):
+            raise ValueError(f"{path}: not a training checkpoint (a {type(ckpt).__name__})")
+        missing = {"step", "generator", "discriminator", "optim_g", "optim_d", "scaler", "rng"} - set(ckpt)
+        if missing:
+            raise ValueError(f"{path}: training state lacks {sorted(missing)}")
+        for name, net in (("generator", self.generator), ("discriminator", self.discriminator)):
+            ours = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+            theirs = {k: tuple(getattr(v, "shape", ())) for k, v in dict(ckpt[name]).items()}
+            if ours != theirs:
+                raise ValueError(f"{path}: its {name} does not match this config's model section")
+        for name, optim in (("optim_g", self.optim_g), ("optim_d", self.optim_d)):
+            groups = ckpt[name].get("param_groups", []) if isinstance(ckpt[name], dict) else []
+            if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optim.param_groups]:
+                raise ValueError(f"{path}: its {name} state does not match this model's parameters")
+        int(ckpt["step"])
+
     def _restore(self, path: Path) -> None:
-        ckpt = torch.load(path, map_location=self.device, weights_only=False)
+        from svc_model.weights import load_torch_file
+
+        ckpt = load_torch_file(path, self.device)
+        self._check_restorable(path, ckpt)
         self.generator.load_state_dict(ckpt["generator"])
         self.discriminator.load_state_dict(ckpt["discriminator"])
         self.optim_g.load_state_dict(ckpt["optim_g"])
@@ -226,10 +316,13 @@ class Trainer:
         self.init_from = ckpt.get("init_from")
 
     def _init_weights(self, path: Path) -> None:
-        """Fine-tuning: weights of both networks from ``path``; fresh optimizers, step 0."""
-        if not path.is_file():
+        """Fine-tuning: weights of both networks from ``path`` (a training checkpoint, or a model folder whose
+        discriminator comes from its ``training_state.pt`` where it has one); fresh optimizers, step 0."""
+        from svc_model.weights import read_checkpoint
+
+        if not path.exists():
             raise FileNotFoundError(f"{path}: base checkpoint for fine-tuning not found")
-        ckpt = torch.load(path, map_location=self.device, weights_only=False)
+        ckpt = read_checkpoint(path, self.device, training_state=True)
         check_speaker_encoder(ckpt.get("speaker_encoder"), self.speaker_encoder, f"{path}: base model",
                               "this training set")
         try:
@@ -243,10 +336,9 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         if self.rank != 0:
             return None
-        self._trim_history()
         path = self.out_dir / f"step-{self.step:08d}.pt"
         atomic_save(self.state_dict(), path)
-        old = sorted(self.out_dir.glob(CHECKPOINT_GLOB), key=lambda p: int(p.stem.split("-")[1]))
+        old = checkpoints(self.out_dir)
         for stale in old[: -self.cfg.train.keep_checkpoints]:
             stale.unlink(missing_ok=True)
         for cb in self.callbacks:
@@ -254,11 +346,24 @@ class Trainer:
         return path
 
     def _trim_history(self) -> None:
-        """Drop history lines past the current step (left by a run that stopped after its last checkpoint)."""
+        """On resume, drop history lines past the restored step (logged by a run killed after its last
+        checkpoint) and a line torn by the kill. Training only ever appends to the file; this rewrite replaces it
+        atomically, so a second kill leaves the old file or the trimmed one."""
+        from svc_model.storage import atomic_write_text
+
         path = self.out_dir / "history.jsonl"
-        if path.exists():
-            lines = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= self.step]
-            path.write_text("".join(l + "\n" for l in lines))
+        if not path.exists():
+            return
+        lines = path.read_text().splitlines()
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line)["step"] <= self.step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by the kill
+        if len(kept) != len(lines):
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     # ---- one step --------------------------------------------------------------------------------------------
     def _to_device(self, batch: dict) -> dict:
@@ -487,9 +592,9 @@ def check_speaker_encoder(model_encoder: str | None, data_encoder: str | None, m
 def singer_table(manifest: pd.DataFrame, speaker_encoder: str = "") -> dict[str, dict]:
     """Per singer: the mean speaker embedding and the median voiced f0, for conversion targets. The mean is
     renormalized for unit-norm encoders (resemblyzer) and kept plain for ``mozilla-lstm``, as the anchor does."""
-    from svc_model.features.speaker import mean_embedding
+    from svc_model.features.speaker import mean_embedding, unit_norm_encoder
 
-    normalize = not speaker_encoder.startswith("mozilla-lstm")
+    normalize = unit_norm_encoder(speaker_encoder)
     table = {}
     for singer, rows in manifest.groupby("singer"):
         embedding = mean_embedding(np.stack([np.load(p) for p in rows["speaker"]]), normalize=normalize)

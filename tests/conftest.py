@@ -146,7 +146,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# Thresholds a model trained for a few steps passes, so that tests reach the "passing" path of promotion.
+# The tiny profile as it is (its real evaluation gates), with one held-out segment per singer to evaluate: fewer
+# conversions, the same thresholds.
+ONE_EVAL_SEGMENT = """extends: tiny
+evaluation:
+  max_segments_per_singer: 1
+"""
+
+# Thresholds that pass anything. Only for tests that need a run to get through evaluation and are not about it;
+# tests of evaluation and promotion use the real gates (ONE_EVAL_SEGMENT).
 LENIENT = """extends: tiny
 evaluation:
   max_segments_per_singer: 1
@@ -160,5 +168,10 @@ evaluation:
 
 def use_config(root: Path, text: str = LENIENT, name: str = "lenient.yaml") -> None:
     """Point the workspace at ``root`` to a config file of its own (``svc.yaml: config``)."""
+    from assets.workspace import with_config_deps
+
     (root / name).write_text(text)
     (root / "svc.yaml").write_text((root / "svc.yaml").read_text().replace("config: tiny", f"config: {name}"))
+    dvc_yaml = root / "dvc.yaml"
+    if dvc_yaml.is_file():  # the stages' config deps follow, as a re-run of `svc init` makes them
+        dvc_yaml.write_text(with_config_deps(Workspace(root), dvc_yaml.read_text()))

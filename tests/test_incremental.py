@@ -4,17 +4,19 @@ from __future__ import annotations
 import shutil
 
 import dagster as dg
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 
+from assets.versions import bind_code_versions
 from assets.workspace import Workspace, WorkspaceError
 from orchestration.build import build, materialize_training, open_instance, status_resolver
 from orchestration.cli import main
-from orchestration.definitions import ASSET_CHECKS, ASSETS, build_definitions
+from orchestration.definitions import build_definitions
 from orchestration.jobs import PER_SINGER_ASSETS
 from orchestration.singers import add_singer, remove_singer
 from orchestration.status import workspace_status
-from tests.conftest import clip
+from tests.conftest import clip, use_config
 
 quiet = lambda _: None  # noqa: E731
 
@@ -29,8 +31,9 @@ def _built(tmp_path_factory, voices_dir, _workspace_template):
     add_singer(ws, "alice", clip(voices_dir, "speaker-a", 2), instance=instance, push=False, log=quiet)
     add_singer(ws, "bob", clip(voices_dir, "speaker-b", 2), instance=instance, push=False, log=quiet)
     build(ws, instance=instance, log=quiet)
-    dg.materialize([*ASSETS], selection=[dg.AssetKey("training_set")], instance=instance,
-                   resources=build_definitions(ws).resources)
+    defs = build_definitions(ws)  # its assets carry the workspace's code versions
+    dg.materialize([*defs.assets], selection=[dg.AssetKey("training_set")], instance=instance,
+                   resources=defs.resources)
     instance.dispose()
     return root
 
@@ -62,13 +65,68 @@ def test_bumping_one_extractors_code_version_makes_only_it_and_downstream_stale(
 
     ws, instance = built
     monkeypatch.setitem(features.CODE_VERSIONS, "pitch", "2")
-    bumped = features._feature_asset("pitch")
-    defs = dg.Definitions(assets=[bumped if a.key == bumped.key else a for a in ASSETS], asset_checks=ASSET_CHECKS,
-                          resources=build_definitions(ws).resources)
+    [bumped] = bind_code_versions([features._feature_asset("pitch")], ws.config())
+    current = build_definitions(ws)
+    defs = dg.Definitions(assets=[bumped if a.key == bumped.key else a for a in current.assets],
+                          asset_checks=current.asset_checks, resources=current.resources)
     per_singer, training_set = _statuses(defs, instance, ["alice", "bob"])
     assert {k for k, v in per_singer.items() if v != "fresh"} == {("pitch", "alice"), ("pitch", "bob")}
     assert per_singer[("clean_audio", "alice")] == "fresh"
     assert training_set == "stale"
+
+
+def _stale(defs, instance):
+    per_singer, training_set = _statuses(defs, instance, ["alice", "bob"])
+    return {k for k, v in per_singer.items() if v != "fresh"}, training_set
+
+
+def test_changing_the_pitch_backend_makes_exactly_pitch_stale_then_rebuilds_only_pitch(built):
+    # Fails if code versions ignore the config (switching fcpe -> crepe left every feature "fresh"), or if the
+    # settings hash leaks into other assets (ppg, vec, speaker_embedding, clean_audio rebuilt for nothing).
+    ws, instance = built
+    use_config(ws.root, "extends: tiny\nfeatures:\n  pitch:\n    backend: crepe\n    crepe_model: tiny\n",
+               "crepe.yaml")
+    assert _stale(build_definitions(ws), instance) == ({("pitch", "alice"), ("pitch", "bob")}, "stale")
+
+    steps = build(ws, instance=instance, log=quiet)
+    assert [(s.singer, s.assets) for s in steps] == [("alice", ["pitch"]), ("bob", ["pitch"])]
+    backends = {pd.read_parquet(ws.partition_dir("pitch", s) / "manifest.parquet")["backend"].iloc[0]
+                for s in ("alice", "bob")}
+    assert backends == {"crepe-tiny"}
+    defs = build_definitions(ws)
+    assert _stale(defs, instance) == (set(), "stale")
+    # Dagster's own resolver (no propagation of ours): the rebuilt pitch has a new data version.
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+    from dagster._core.loader import LoadingContextForTest
+
+    resolver = CachingStaleStatusResolver(instance, defs.resolve_asset_graph(), LoadingContextForTest(instance))
+    assert resolver.get_status(dg.AssetKey("training_set")) == StaleStatus.STALE
+    causes = {c.dependency.asset_key.to_user_string() for c in resolver.get_stale_causes(dg.AssetKey("training_set"))
+              if c.dependency is not None}
+    assert causes == {"pitch"}
+
+
+def test_settings_that_do_not_change_features_leave_everything_fresh(built):
+    # Fails if batch sizes or the device (same features, other speed) were hashed into the code versions.
+    ws, instance = built
+    use_config(ws.root, "extends: tiny\nfeatures:\n  device: cpu\n  pitch:\n    batch_frames: 7\n"
+                        "  ppg:\n    batch_size: 3\n  speaker:\n    batch_partials: 5\n"
+                        "train:\n  log_every: 3\n", "same-output.yaml")
+    assert _stale(build_definitions(ws), instance) == (set(), "fresh")
+
+
+@pytest.mark.parametrize("override, stale", [
+    ("audio:\n  loudness_lufs: -18.0\n", {"clean_audio", "pitch", "ppg", "vec", "speaker_embedding"}),
+    ("features:\n  ppg:\n    piece_s: 10.0\n", {"ppg"}),
+    ("features:\n  speaker:\n    backend: mozilla-lstm\n", {"speaker_embedding"}),
+    ("features:\n  vec:\n    backend: hubert-soft\n", {"vec"}),
+])
+def test_each_setting_marks_its_own_asset_and_what_is_downstream(built, override, stale):
+    # Fails if a setting is missing from its asset's hash (nothing stale), or hashed into another asset.
+    ws, instance = built
+    use_config(ws.root, "extends: tiny\n" + override, "changed.yaml")
+    per_singer, training_set = _stale(build_definitions(ws), instance)
+    assert per_singer == {(a, s) for a in stale for s in ("alice", "bob")} and training_set == "stale"
 
 
 def test_adding_a_singer_marks_the_training_set_stale_and_builds_only_that_singer(built, voices_dir):

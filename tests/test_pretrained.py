@@ -119,9 +119,13 @@ def test_a_file_in_the_published_layout_and_size_imports_as_base(workspace, tmp_
     assert any(line.split()[:2] == ["1", "base"] for line in models), models
 
     from svc_model.train import load_model
+    from svc_model.weights import read_checkpoint
 
-    checkpoint = tracking.download_checkpoint(workspace, version)
-    model, cfg, extras = load_model(checkpoint)  # strict
+    found = tracking.resolve_model(workspace, "base")
+    assert (found.path / "generator.safetensors").is_file()  # the registry holds no pickle of the weights
+    model, cfg, extras = load_model(found.path)  # strict
+    # The discriminator is fine-tuning's part: in the version's training state, not in the model.
+    extras["discriminator"] = read_checkpoint(found.fine_tuning_path(), training_state=True)["discriminator"]
     ours = model.state_dict()
     for key in ("enc_p.pre.weight", "emb_g.weight", "enc_q.enc.in_layers.3.weight_v", "flow.flows.2.post.bias",
                 "dec.ups.0.weight_g", "dec.resblocks.5.convs1.1.weight_v", "speaker_classifier.classifier.1.weight_g"):
@@ -151,11 +155,15 @@ def test_an_exported_singer_model_imports_and_converts_at_once(workspace, tmp_pa
     assert "warning" not in result.output  # the workspace has the model's widths and speaker encoder
     version = tracking.alias_version(workspace, "base")
     assert version.tags["kind"] == "singer" and version.tags["singers"] == "alto"
+    # Converted once into the project's form without pickles (a singer model has no discriminator to keep).
+    converted = [p for p in (workspace.root / "models" / "pretrained").iterdir() if not p.name.startswith(".")]
+    assert len(converted) == 1 and sorted(f.name for f in converted[0].iterdir()) == [
+        "config.json", "generator.safetensors", "singers.json"]
 
     from svc_model.train import load_model
 
-    model, _, extras = load_model(tracking.download_checkpoint(workspace, version))
-    assert "discriminator" not in extras
+    model, _, extras = load_model(tracking.resolve_model(workspace, "base").path)
+    assert tracking.TRAINING_STATE_TAG not in version.tags  # no discriminator: no training state logged
     assert np.allclose(extras["singers"]["alto"]["embedding"], np.load(spk))
     ours = model.state_dict()
     for key in ("enc_p.hub.weight", "flow.flows.2.enc.in_layers.0.weight_v", "dec.conv_post.weight"):

@@ -192,7 +192,7 @@ def test_feature_manifest_records_the_encoder(extractor, tmp_path):
 
 
 def test_norm_check_accepts_the_anchors_means_and_flags_broken_ones():
-    # Catches the asset's blocking unit_norm check failing every mozilla-lstm partition (the anchor's mean of 10 unit
+    # Catches the blocking embeddings_valid check failing every mozilla-lstm partition (the anchor's mean of 10 unit
     # windows has norm < 1), or passing zero, NaN or un-normalized (norm > 1) embeddings.
     norms = [float(np.linalg.norm(np.load(FIXTURES / f"{n}.spk.npy"))) for n in CLIPS]
     assert norms[1] < 0.95 and norm_error(norms, unit=False) == 0.0

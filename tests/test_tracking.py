@@ -1,8 +1,11 @@
 """Training, evaluation, registry and promotion through Dagster with a real MLflow SQLite store."""
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -17,8 +20,9 @@ from assets.workspace import init_workspace
 from orchestration.build import build, materialize_training, open_instance
 from orchestration.cli import main
 from orchestration.singers import add_singer
+from svc_model.config import load_config
 from svc_model.data import split_for
-from tests.conftest import clip, use_config
+from tests.conftest import ONE_EVAL_SEGMENT, clip, use_config
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +34,7 @@ def trained_ws(tmp_path_factory, voices_dir):
     os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
     root = tmp_path_factory.mktemp("tracked") / "ws"
     ws = init_workspace(root)
-    use_config(root)
+    use_config(root, ONE_EVAL_SEGMENT, "eval1.yaml")  # the tiny profile's real gates; 3 steps fail them
     instance = open_instance(ws)
     quiet = lambda _: None  # noqa: E731
     add_singer(ws, "alto", clip(voices_dir, "speaker-a", 3), instance=instance, push=False, log=quiet)
@@ -72,14 +76,14 @@ def test_registered_version_loads_as_pyfunc_and_converts(trained_ws, voices_dir,
     version = out["svc_checkpoint"]["model_version"]
     model = mlflow.pyfunc.load_model(f"models:/svc/{version}")
     source = clip(voices_dir, "speaker-c", 1)[0]
+    audio = base64.b64encode(source.read_bytes()).decode()  # audio as data: the pyfunc reads no server path
     result = model.predict(pd.DataFrame([
-        {"source": str(source), "target": "alto", "output": str(tmp_path / "a.wav"), "pitch_shift": "auto"},
-        {"source": str(source), "target": json.dumps({"alto": 0.5, "bass": 0.5}), "output": str(tmp_path / "b.wav"),
-         "pitch_shift": "0"},
+        {"audio_base64": audio, "target": "alto", "pitch_shift": "auto"},
+        {"audio_base64": audio, "target": json.dumps({"alto": 0.5, "bass": 0.5}), "pitch_shift": "0"},
     ]))
     assert list(result["target"]) == ["alto", "alto:0.50+bass:0.50"]
-    for path in result["output"]:
-        info = sf.info(path)
+    for encoded in result["audio_base64"]:
+        info = sf.info(io.BytesIO(base64.b64decode(encoded)))
         assert info.samplerate == 32000 and abs(info.duration - sf.info(str(source)).duration) < 0.01
     # Models from code: no pickled Python object is stored with the model.
     local = Path(mlflow.artifacts.download_artifacts(f"models:/svc/{version}"))
@@ -96,30 +100,68 @@ def test_evaluation_is_reported_logged_and_tagged(trained_ws):
     for name in ("report.md", "report.html", "f0_overlays.png", "similarity.png", "pairs.csv", "metrics.json"):
         assert (folder / name).is_file(), name
     dvc_metrics = json.loads((ws.root / "metrics" / "evaluation.json").read_text())
-    assert dvc_metrics["model_version"] == out["svc_checkpoint"]["model_version"] and dvc_metrics["passed"] is True
+    # A 3-step model against the real gates: it follows the pitch (its NSF source sings in tune) but its
+    # reconstruction is an untrained model's. Fails if the gates pass it, or if a failure is not recorded.
+    assert dvc_metrics["model_version"] == out["svc_checkpoint"]["model_version"] and dvc_metrics["passed"] is False
+    gates = load_config("tiny").evaluation
+    assert report["passed"] is False and report["reconstruction_mel"] > gates.max_reconstruction_mel
     client = tracking.client(ws)
     run_id = out["svc_checkpoint"]["mlflow_run_id"]
     assert "eval/f0_corr" in client.get_run(run_id).data.metrics
     assert any(a.path == "evaluation/report.md" for a in client.list_artifacts(run_id, "evaluation"))
     version = client.get_model_version("svc", str(report["model_version"]))
-    assert version.tags["eval.passed"] == "true" and "eval.reconstruction_mel" in version.tags
+    assert version.tags["eval.passed"] == "false" and "eval.reconstruction_mel" in version.tags
+    assert "reconstruction" in version.tags["eval.failed_checks"].split(",")
     assert str(tracking.alias_version(ws, tracking.CANDIDATE).version) == str(version.version)
+    # The asset check on the Dagster instance says the same.
+    import dagster as dg
+
+    instance = open_instance(ws)
+    try:
+        key = dg.AssetCheckKey(dg.AssetKey("evaluation_report"), "reconstruction")
+        latest = instance.event_log_storage.get_latest_asset_check_execution_by_key([key])[key]
+        assert latest.event.dagster_event.event_specific_data.passed is False
+    finally:
+        instance.dispose()
+
+
+def _set_production(ws, version: str | None, candidate: str | None = None) -> None:
+    """Registry state a test starts from, set directly (not through the promotion under test), so that no test
+    depends on what another left: ``production`` at ``version`` (None: no production), and ``candidate``."""
+    client = tracking.client(ws)
+    if candidate is not None:
+        client.set_registered_model_alias("svc", tracking.CANDIDATE, candidate)
+    if version is None:
+        if tracking.alias_version(ws, tracking.PRODUCTION) is not None:
+            client.delete_registered_model_alias("svc", tracking.PRODUCTION)
+    else:
+        client.set_registered_model_alias("svc", tracking.PRODUCTION, version)
 
 
 def test_promotion_rules_and_rollback(trained_ws):
     ws, out = trained_ws
     client = tracking.client(ws)
     evaluated = str(out["svc_checkpoint"]["model_version"])
+    _set_production(ws, None, candidate=evaluated)
     # A second version with no evaluation (registered straight from the same checkpoint).
-    ckpt = tracking.download_checkpoint(ws, client.get_model_version("svc", evaluated))
+    ckpt = tracking.resolve_model(ws, evaluated).path
     with mlflow.start_run(experiment_id=tracking.experiment_id(ws)) as run:
         unevaluated = str(tracking.register_checkpoint(ws, run.info.run_id, ckpt).version)
     with pytest.raises(PromotionError, match=f"version {unevaluated} has no evaluation"):
         promote(ws, unevaluated)
-    first = promote(ws)  # the candidate, which passed
-    assert first.version == evaluated and first.previous is None
+    # The candidate failed the real gates: refused, naming them; nothing moves.
+    with pytest.raises(PromotionError, match=f"version {evaluated} failed its evaluation checks: .*reconstruction"):
+        promote(ws)
+    assert tracking.alias_version(ws, "production") is None
+    first = promote(ws, force=True, reason="3-step test model")  # forced: the reason and what it overrode are kept
+    assert first.version == evaluated and first.previous is None and first.forced
     assert str(tracking.alias_version(ws, "production").version) == evaluated
-    # Worse than production on the primary metric: refused with both figures.
+    tags = client.get_model_version("svc", evaluated).tags
+    assert tags["promotion.forced"] == "true" and tags["promotion.reason"] == "3-step test model"
+    assert re.search("failed its evaluation checks: .*reconstruction", tags["promotion.overridden"])
+    # Worse than production on the primary metric: refused with both figures. No model passes the real gates in
+    # test time on the CPU (the tiny profile needs a few hundred steps), so this rule is exercised on the tags that
+    # evaluation_report writes for a passing version.
     client.set_model_version_tag("svc", unevaluated, "eval.passed", "true")
     worse = float(client.get_model_version("svc", evaluated).tags["eval.reconstruction_mel"]) + 1
     client.set_model_version_tag("svc", unevaluated, "eval.reconstruction_mel", str(worse))
@@ -156,27 +198,31 @@ def test_split_is_stable_when_singers_are_added():
 def test_production_model_asset_applies_the_same_rules(trained_ws):
     import dagster as dg
 
-    from orchestration.definitions import ASSET_CHECKS, ASSETS, build_definitions
+    from orchestration.definitions import build_definitions
 
     ws, out = trained_ws
     defs = build_definitions(ws)
     instance = open_instance(ws)
     try:
         evaluated = str(out["svc_checkpoint"]["model_version"])
-        current = tracking.alias_version(ws, "production")
+        _set_production(ws, None, candidate=evaluated)
 
         def run(config):
-            return dg.materialize([*ASSETS, *ASSET_CHECKS], selection=[dg.AssetKey("production_model")],
+            return dg.materialize([*defs.assets, *defs.asset_checks], selection=[dg.AssetKey("production_model")],
                                   instance=instance, resources=defs.resources, raise_on_error=False,
                                   run_config={"ops": {"production_model": {"config": config}}})
 
-        if current is not None and str(current.version) == evaluated:
-            refused = run({})
-            assert not refused.success
-            failure = refused.get_step_failure_events()[0].step_failure_data.user_failure_data
-            assert f"version {evaluated} is already in production" in failure.description
-        versions = [str(v.version) for v in tracking.model_versions(ws)]
-        other = next(v for v in versions if v != evaluated)
+        def failure(result):
+            assert not result.success
+            return result.get_step_failure_events()[0].step_failure_data.user_failure_data.description
+
+        # The candidate failed the real gates: the asset refuses it, naming them.
+        assert re.search(f"version {evaluated} failed its evaluation checks: .*reconstruction", failure(run({})))
+        _set_production(ws, evaluated)
+        assert f"version {evaluated} is already in production" in failure(run({"version": evaluated}))
+        ckpt = tracking.resolve_model(ws, evaluated).path  # a second version of its own to force
+        with mlflow.start_run(experiment_id=tracking.experiment_id(ws)) as registered:
+            other = str(tracking.register_checkpoint(ws, registered.info.run_id, ckpt).version)
         done = run({"version": other, "force": True, "reason": "asset path"})
         assert done.success and str(tracking.alias_version(ws, "production").version) == other
         meta = done.get_asset_materialization_events()[0].materialization.metadata
@@ -186,9 +232,9 @@ def test_production_model_asset_applies_the_same_rules(trained_ws):
 
 
 def test_fine_tuning_from_production_is_a_new_tracked_version(trained_ws):
-    ws, _ = trained_ws
+    ws, out = trained_ws
+    _set_production(ws, str(out["svc_checkpoint"]["model_version"]))
     production = tracking.alias_version(ws, "production")
-    assert production is not None
     out = materialize_training(ws, steps=2, fine_tune=True, device="cpu")
     meta = out["svc_checkpoint"]
     assert meta["fine_tuned_from_version"] == str(production.version)

@@ -14,6 +14,7 @@ from assets.partitions import SINGERS
 from assets.workspace import Workspace, WorkspaceError, validate_singer_name
 from orchestration.cli import main
 from orchestration.singers import latest_observed_version
+from svc_model.storage import TEMP_MARK
 from tests.conftest import clip, tone, write
 
 
@@ -106,7 +107,7 @@ def test_add_singer_with_nothing_usable_changes_nothing(workspace, instance, tmp
     assert "no usable recordings, nothing was added" in result.output and "silence.wav: silent" in result.output
     assert not workspace.singer_raw_dir("ghost").exists()
     assert not workspace.singer_dvc_file("ghost").exists()
-    assert [p.name for p in workspace.raw_dir.iterdir() if p.name.startswith(".staging")] == []
+    assert [p.name for p in workspace.raw_dir.iterdir() if TEMP_MARK in p.name] == []  # no staging folder left
     assert instance.get_dynamic_partitions(SINGERS) == []
 
 

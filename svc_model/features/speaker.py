@@ -408,3 +408,12 @@ class MozillaLSTMSpeaker(FeatureExtractor):
 
 
 SPEAKER_BACKENDS = {"resemblyzer": ResemblyzerSpeaker, LSTM_BACKEND: MozillaLSTMSpeaker}
+
+
+def unit_norm_encoder(encoder: str | None) -> bool:
+    """Whether the encoder named by ``encoder`` (an :func:`encoder_id` or a backend name) gives unit vectors, so
+    that means and blends of its embeddings are renormalized: resemblyzer yes; ``mozilla-lstm`` no (its embeddings
+    are means of unit vectors, and the anchor keeps means plain). An unknown id ("" or None, from older
+    checkpoints) counts as resemblyzer, the default encoder."""
+    backend = (encoder or "").split(":")[0]
+    return SPEAKER_BACKENDS.get(backend, ResemblyzerSpeaker).unit_norm
