@@ -375,27 +375,25 @@ def _parse_blend(text: str) -> dict[str, float]:
               help="No random numbers: the prior's mean, overtones at phase 0, no source noise (A/B listening).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the source's noise and phases (ignored with "
               "--deterministic): the same seed gives the same audio.")
+@click.option("--stream", is_flag=True,
+              help="Convert through the live (streaming) path, block by block, and write a per-block timing log "
+                   "beside the output (OUTPUT.blocks.csv).")
+@click.option("--block-ms", default=250, show_default=True, type=int, help="With --stream: the block length.")
 @with_workspace
 def convert(ws: Workspace, source, output, singer, reference, blend, pitch_shift, model_uri, checkpoint, device,
-            deterministic, seed) -> None:
+            deterministic, seed, stream, block_ms) -> None:
     """Re-sing SOURCE with a target timbre using the production model; writes 32 kHz audio to OUTPUT."""
     from svc_model.audio import AudioError
     from svc_model.infer import Converter
 
-    chosen = [t for t in (singer, reference, blend) if t]
-    if len(chosen) != 1:
-        _fail("give exactly one target: --singer NAME, --reference FILE or --blend a=0.7,b=0.3")
-    target = _parse_blend(blend) if blend else (reference or singer)
-    if checkpoint:
-        ckpt, label = Path(checkpoint), checkpoint
-    else:
-        from assets import tracking
-
-        found = tracking.resolve_model(ws, model_uri)  # default: production; a clear error when missing
-        ckpt, label = found.path, found.label
+    target = _target_option(singer, reference, blend)
+    ckpt, label = _model_option(ws, model_uri, checkpoint)
     out = Path(output)
     if out.suffix.lower() not in (".wav", ".flac", ".ogg"):
         _fail(f"{out}: output must end in .wav, .flac or .ogg")
+    if stream:
+        return _convert_streaming(ws, source, out, target, pitch_shift, ckpt, label, device, deterministic, seed,
+                                  block_ms)
     from tqdm import tqdm
 
     try:
@@ -415,6 +413,114 @@ def convert(ws: Workspace, source, output, singer, reference, blend, pitch_shift
     click.echo(f"wrote {out}: {len(result.audio) / result.sample_rate:.2f} s at {result.sample_rate} Hz; target "
                f"{result.target}, pitch shift {result.pitch_shift:+.0f} semitones, {result.chunks} piece(s), "
                f"{result.seconds:.1f} s (model {label})")
+
+
+def _target_option(singer, reference, blend):
+    chosen = [t for t in (singer, reference, blend) if t]
+    if len(chosen) != 1:
+        _fail("give exactly one target: --singer NAME, --reference FILE or --blend a=0.7,b=0.3")
+    return _parse_blend(blend) if blend else (reference or singer)
+
+
+def _model_option(ws: Workspace, model_uri: str | None, checkpoint: str | None) -> tuple[Path, str]:
+    if checkpoint:
+        return Path(checkpoint), checkpoint
+    from assets import tracking
+
+    found = tracking.resolve_model(ws, model_uri)  # default: production; a clear error when missing
+    return found.path, found.label
+
+
+def _convert_streaming(ws, source, out: Path, target, pitch_shift, ckpt, label, device, deterministic, seed,
+                       block_ms) -> None:
+    import csv
+    import io
+
+    from tqdm import tqdm
+
+    from svc_model.audio import AudioError, decode, to_mono, write_audio
+    from svc_model.infer import Converter
+    from svc_model.storage import atomic_write_text
+    from svc_model.streaming import StreamConfig, stream_file
+
+    try:
+        if str(pitch_shift) == "auto":
+            raise ValueError("--pitch-shift auto needs the whole source; with --stream give semitones")
+        cfg = StreamConfig(block_ms=block_ms)
+        cfg.check()
+        data, sr = decode(source)
+        converter = Converter.from_checkpoint(ckpt, device=device, root=ws.root)
+        with tqdm(total=None, desc="streaming", unit="block", disable=None) as bar:
+            def progress(done, total):
+                bar.total = total
+                bar.update(done - bar.n)
+
+            audio, streamer = stream_file(converter, to_mono(data), sr, target, float(pitch_shift), cfg,
+                                          deterministic=deterministic, seed=seed, progress=progress)
+    except (AudioError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    write_audio(out, audio, streamer.sr)
+    log = out.with_name(out.name + ".blocks.csv")
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["block", "compute_ms", "block_ms", "rtf", "gated", "sola_offset_samples", "input_db"])
+    for b in streamer.stats.blocks:
+        writer.writerow([b.index, f"{b.compute_s * 1000:.2f}", cfg.block_ms, f"{b.compute_s * 1000 / cfg.block_ms:.3f}",
+                         int(b.gated), b.sola_offset, f"{b.input_db:.1f}"])
+    atomic_write_text(log, text.getvalue())
+    stats = streamer.stats
+    click.echo(f"wrote {out}: {len(audio) / streamer.sr:.2f} s at {streamer.sr} Hz through the streaming path; "
+               f"{len(stats.blocks)} blocks of {cfg.block_ms} ms, compute p50 {stats.compute_ms(50):.0f} ms / "
+               f"p95 {stats.compute_ms(95):.0f} ms, algorithmic latency {cfg.latency_ms} ms; per-block log {log} "
+               f"(model {label})")
+
+
+@main.command()
+@click.option("--singer", default=None, help="Target singer name.")
+@click.option("--reference", type=click.Path(dir_okay=False), default=None, help="Target: a reference recording.")
+@click.option("--blend", default=None, help="Target: a weighted blend, e.g. alice=0.7,bob=0.3.")
+@click.option("--pitch-shift", default=0.0, show_default=True, type=float, help="Semitones.")
+@click.option("--model", "model_uri", default=None, help="Registry model URI (default: models:/svc@production).")
+@click.option("--checkpoint", type=click.Path(), default=None, help="A local model folder or training checkpoint.")
+@click.option("--input-device", default=None, help="Input device: index or part of its name (default: the system's).")
+@click.option("--output-device", default=None, help="Output device: index or part of its name.")
+@click.option("--samplerate", type=int, default=None, help="Device sample rate (default: the input device's).")
+@click.option("--block-ms", default=250, show_default=True, type=int, help="Block length (multiple of 10 ms).")
+@click.option("--gate-db", type=float, default=None, help="Blocks quieter than this (dBFS) pass as silence.")
+@click.option("--seconds", type=float, default=None, help="Stop after this much input (default: until Ctrl-C).")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
+@click.option("--list-devices", is_flag=True, help="List the audio devices and exit.")
+@click.pass_context
+def live(ctx: click.Context, singer, reference, blend, pitch_shift, model_uri, checkpoint, input_device,
+         output_device, samplerate, block_ms, gate_db, seconds, device, list_devices) -> None:
+    """Sing into a microphone and hear the target singer: live conversion between local audio devices."""
+    from orchestration.live import LiveError, list_devices as device_list, run_live
+
+    try:
+        if list_devices:
+            click.echo(device_list())
+            return
+        target = _target_option(singer, reference, blend)
+        ws = Workspace.discover((ctx.obj or {}).get("workspace_dir"))
+        ckpt, label = _model_option(ws, model_uri, checkpoint)
+        from svc_model.infer import Converter
+        from svc_model.streaming import StreamConfig, StreamingConverter
+
+        cfg = StreamConfig(block_ms=block_ms, gate_db=gate_db)
+        cfg.check()
+        click.echo(f"loading {label} ...", err=True)
+        converter = Converter.from_checkpoint(ckpt, device=device, root=ws.root)
+        StreamingConverter(converter, target, pitch_shift, cfg)  # a bad target or shift fails before the devices
+        click.echo(f"live: block {cfg.block_ms} ms, algorithmic latency {cfg.latency_ms} ms; Ctrl-C stops", err=True)
+        summary = run_live(lambda rate: StreamingConverter(converter, target, pitch_shift, cfg, input_sr=rate),
+                           input_device=input_device, output_device=output_device, samplerate=samplerate,
+                           seconds=seconds)
+    except (LiveError, WorkspaceError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        _fail(str(exc))
+    click.echo(f"\n{summary.blocks} blocks ({summary.gated} gated); compute p50 {summary.compute_p50_ms:.0f} ms, "
+               f"p95 {summary.compute_p95_ms:.0f} ms per {block_ms} ms block; algorithmic latency "
+               f"{summary.latency_ms} ms; input overflows {summary.overflows}, output underflows {summary.underflows}",
+               err=True)
 
 
 @main.command()

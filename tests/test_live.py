@@ -132,3 +132,38 @@ except LiveError as exc:
     print("ERR", exc)
 """)
     assert "ERR no input device matches 'no-such-mic'" in result.stdout, result.stdout + result.stderr
+
+
+@needs_portaudio
+def test_svc_live_lists_devices_and_converts_between_them(alsa_home, tmp_path, workspace):
+    # Bugs caught: the command not wiring its options to the device loop (wrong device, no output written), the
+    # list missing devices, a meter/summary that never prints.
+    import torch
+
+    from svc_model.config import load_config
+    from svc_model.model.synthesizer import SVCModel
+    from svc_model.weights import write_model_folder
+
+    home, voice, rate, outfile = alsa_home
+    torch.manual_seed(0)
+    cfg = load_config("tiny")
+    model = SVCModel(cfg.model, cfg.spectrogram.n_fft // 2 + 1, cfg.audio.sample_rate)
+    e = np.random.RandomState(0).randn(256)
+    folder = write_model_folder({"config": cfg.model_dump(mode="json"), "step": 0, "generator": model.state_dict(),
+                                 "singers": {"alto": {"embedding": (e / np.linalg.norm(e)).tolist(),
+                                                      "median_f0": 200.0}}}, tmp_path / "model")
+    env = {**os.environ, "HOME": str(home)}
+    svc = [sys.executable, "-m", "orchestration.cli"]
+    listed = subprocess.run(svc + ["live", "--list-devices"], env=env, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert " voice " in listed.stdout + " " and " speaker " in listed.stdout + " "
+    run = subprocess.run(svc + ["-C", str(workspace.root), "live", "--checkpoint", str(folder), "--singer", "alto",
+                                "--input-device", "voice", "--output-device", "speaker", "--samplerate", str(rate),
+                                "--seconds", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "algorithmic latency 300 ms" in run.stderr and "8 blocks (0 gated)" in run.stderr
+    out = np.fromfile(outfile, dtype="<i2")
+    assert len(out) == 8 * rate // 4 and np.abs(out).max() > 300
+    bad = subprocess.run(svc + ["-C", str(workspace.root), "live", "--checkpoint", str(folder), "--singer", "tenor",
+                                "--input-device", "voice"], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "unknown singer 'tenor'" in bad.stderr and "Traceback" not in bad.stderr

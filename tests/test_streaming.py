@@ -200,3 +200,41 @@ def test_block_resampler_gives_whole_blocks_at_a_fixed_delay(rates):
     g = np.gcd(a, b)
     np.testing.assert_allclose(y, resample_poly(x, b // g, a // g), atol=1e-6)
     assert r.delay < b // 1000  # under a millisecond
+
+
+def test_svc_convert_stream_writes_the_streamed_audio_and_a_block_log(converter, tmp_path, workspace):
+    # Bugs caught: `--stream` ignored (file conversion written instead), options not passed to the streamer
+    # (block size, target, determinism), a log that does not have one row per block; 'auto' accepted although
+    # a stream cannot know the source's median.
+    import csv
+
+    from click.testing import CliRunner
+
+    from orchestration.cli import main
+    from svc_model.audio import read_wav
+    from svc_model.weights import write_model_folder
+
+    model_dir = write_model_folder({"config": converter.cfg.model_dump(mode="json"), "step": 0,
+                                    "generator": converter.model.state_dict(),
+                                    "singers": {n: {"embedding": t.embedding.tolist(), "median_f0": t.median_f0}
+                                                for n, t in converter.singers.items()}}, tmp_path / "model")
+    source = tmp_path / "glide.wav"
+    import soundfile as sf
+
+    sf.write(str(source), glide(2.0), SR, subtype="FLOAT")
+    out = tmp_path / "out.wav"
+    runner = CliRunner()
+    args = ["-C", str(workspace.root), "convert", str(source), "-o", str(out), "--checkpoint", str(model_dir),
+            "--singer", "bass", "--stream", "--block-ms", "150", "--deterministic"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "through the streaming path" in result.output and "latency 200 ms" in result.output
+    written, sr = read_wav(out)
+    expected, streamer = stream_file(converter, glide(2.0), SR, "bass", config=StreamConfig(block_ms=150),
+                                     deterministic=True)
+    np.testing.assert_allclose(written, np.clip(expected, -1, 1), atol=2e-4)  # 16-bit WAV
+    rows = list(csv.DictReader(out.with_name("out.wav.blocks.csv").read_text().splitlines()))
+    assert len(rows) == len(streamer.stats.blocks) and {r["block_ms"] for r in rows} == {"150"}
+    refused = runner.invoke(main, args[:-4] + ["--stream", "--pitch-shift", "auto"])
+    assert refused.exit_code != 0 and "--pitch-shift auto needs the whole source" in refused.output
+    assert "Traceback" not in refused.output

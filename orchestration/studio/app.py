@@ -239,6 +239,8 @@ def build_app(studio: Studio):
         loaded = on(app.load, load_page, None, [page_message, model, singer_table, singers_note, *training_outputs],
                     page_message)
         on(loaded.then, model_changed, model, model_outputs, model_note)
+        with gr.Tab("Live", id="live"):
+            studio.live_tab.build(gr)
     return app
 
 
@@ -255,9 +257,10 @@ def _audit_to_terminal_and_file(studio: Studio) -> None:
 
 
 def serve(studio: Studio, *, host: str = "127.0.0.1", port: int = 7860, auth: tuple[str, str] | None = None,
-          max_file_size: int | None = None) -> None:
+          max_file_size: int | None = None, block: bool = True):
     """Run the studio until interrupted. ``auth``: ``(user, password)``, required unless ``host`` is loopback;
-    ``max_file_size``: bytes per uploaded file; Gradio cuts a bigger upload off as it arrives."""
+    ``max_file_size``: bytes per uploaded file; Gradio cuts a bigger upload off as it arrives. ``block=False``
+    returns the running app (tests). The Live tab's WebSocket (``/live/ws``) is routed before Gradio's own."""
     if auth is None and not is_loopback(host):
         raise StudioAuthError(f"refusing to serve the studio on {host!r} without authentication")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home: the studio works offline
@@ -266,4 +269,6 @@ def serve(studio: Studio, *, host: str = "127.0.0.1", port: int = 7860, auth: tu
     # Gradio serves only files under allowed paths: the conversions and the evaluation report's figures.
     app.queue().launch(server_name=host, server_port=port, show_error=False, ssr_mode=False,
                        auth=[auth] if auth else None, max_file_size=max_file_size,
-                       allowed_paths=[str(studio.ws.outputs_dir), str(studio.ws.asset_dir("evaluation_report"))])
+                       allowed_paths=[str(studio.ws.outputs_dir), str(studio.ws.asset_dir("evaluation_report"))],
+                       app_kwargs={"routes": [studio.live_tab.route()]}, prevent_thread_lock=not block)
+    return app
