@@ -114,10 +114,11 @@ def run_live(streamer_factory: Callable[[int], object], *, input_device: str | N
                 out = np.pad(out, (0, block - len(out)))
                 underflows += bool(stream.write(out[:, None]))
                 level = 20 * math.log10(max(1e-10, float(np.sqrt(np.mean(x[:, 0] ** 2)))))
-                recent = sorted(computes[-50:])
-                meter(f"in {level:6.1f} dBFS  compute {computes[-1] * 1000:5.0f} ms "
-                      f"(p95 {recent[int(0.95 * (len(recent) - 1))] * 1000:4.0f})  block {streamer.cfg.block_ms} ms  "
-                      f"latency {streamer.cfg.latency_ms} ms + compute  {'GATED' if streamer.stats.blocks and streamer.stats.blocks[-1].gated else '     '}")
+                p95 = float(np.percentile(computes[-50:], 95))
+                gated = bool(streamer.stats.blocks) and streamer.stats.blocks[-1].gated
+                meter(f"in {level:6.1f} dBFS  compute {computes[-1] * 1000:5.0f} ms (p95 {p95 * 1000:4.0f})  "
+                      f"block {streamer.cfg.block_ms} ms  latency {streamer.cfg.latency_ms} ms + compute"
+                      f"{'  GATED' if gated else ''}")
     except KeyboardInterrupt:
         pass
     except sd.PortAudioError as exc:
