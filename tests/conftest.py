@@ -175,3 +175,38 @@ def use_config(root: Path, text: str = LENIENT, name: str = "lenient.yaml") -> N
     dvc_yaml = root / "dvc.yaml"
     if dvc_yaml.is_file():  # the stages' config deps follow, as a re-run of `svc init` makes them
         dvc_yaml.write_text(with_config_deps(Workspace(root), dvc_yaml.read_text()))
+
+
+def random_tiny_converter(names=("alto", "bass"), speaker_sensitive: bool = False):
+    """A converter over the tiny profile's model with RANDOM weights (seed 0) and random unit embeddings: for tests
+    of the transport around the model (streaming, live). At initialization the output pitch follows the NSF
+    source, so pitch agreement is measurable without training. ``speaker_sensitive``: give the decoder's speaker
+    adapter (the identity at initialization) random weights, so that the embedding changes the output."""
+    import torch
+
+    from svc_model.config import load_config
+    from svc_model.infer import Converter
+    from svc_model.model.synthesizer import SVCModel
+
+    torch.manual_seed(0)
+    cfg = load_config("tiny")
+    model = SVCModel(cfg.model, cfg.spectrogram.n_fft // 2 + 1, cfg.audio.sample_rate).eval()
+    rng = np.random.RandomState(0)
+    singers = {}
+    for name in names:
+        e = rng.randn(256).astype(np.float32)
+        singers[name] = {"embedding": e / np.linalg.norm(e), "median_f0": 200.0}
+    if speaker_sensitive:
+        with torch.no_grad():
+            model.decoder.adapter.W_bias.weight.normal_(0, 0.5)
+    return Converter(model, cfg, singers)
+
+
+def random_model_folder(path: Path, **kwargs) -> Path:
+    """:func:`random_tiny_converter`'s model and singers as a model folder (what a registered version holds)."""
+    from svc_model.weights import write_model_folder
+
+    conv = random_tiny_converter(**kwargs)
+    singers = {n: {"embedding": t.embedding.tolist(), "median_f0": t.median_f0} for n, t in conv.singers.items()}
+    return write_model_folder({"config": conv.cfg.model_dump(mode="json"), "step": 0,
+                               "generator": conv.model.state_dict(), "singers": singers}, path)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import measured_f0
+from tests.conftest import measured_f0, random_model_folder
 
 ASOUNDRC = """\
 pcm.nullpcm {{ type null }}
@@ -80,17 +80,11 @@ def test_live_loop_converts_a_real_device_stream(alsa_home):
     # pitch track stop following the input).
     home, voice, rate, outfile = alsa_home
     result = run_in(home, f"""
-import numpy as np, torch, json
-from svc_model.config import load_config
-from svc_model.infer import Converter
-from svc_model.model.synthesizer import SVCModel
+import json
 from svc_model.streaming import StreamingConverter, StreamConfig
 from orchestration.live import run_live
-torch.manual_seed(0)
-cfg = load_config("tiny")
-model = SVCModel(cfg.model, cfg.spectrogram.n_fft // 2 + 1, cfg.audio.sample_rate).eval()
-e = np.random.RandomState(0).randn(256).astype(np.float32)
-conv = Converter(model, cfg, {{"alto": {{"embedding": e / np.linalg.norm(e), "median_f0": 200.0}}}})
+from tests.conftest import random_tiny_converter
+conv = random_tiny_converter()
 lines = []
 summary = run_live(lambda sr: StreamingConverter(conv, "alto", config=StreamConfig(), input_sr=sr, deterministic=True),
                    input_device="voice", output_device="speaker", samplerate={rate}, seconds=3.0,
@@ -138,20 +132,8 @@ except LiveError as exc:
 def test_svc_live_lists_devices_and_converts_between_them(alsa_home, tmp_path, workspace):
     # Bugs caught: the command not wiring its options to the device loop (wrong device, no output written), the
     # list missing devices, a meter/summary that never prints.
-    import torch
-
-    from svc_model.config import load_config
-    from svc_model.model.synthesizer import SVCModel
-    from svc_model.weights import write_model_folder
-
     home, voice, rate, outfile = alsa_home
-    torch.manual_seed(0)
-    cfg = load_config("tiny")
-    model = SVCModel(cfg.model, cfg.spectrogram.n_fft // 2 + 1, cfg.audio.sample_rate)
-    e = np.random.RandomState(0).randn(256)
-    folder = write_model_folder({"config": cfg.model_dump(mode="json"), "step": 0, "generator": model.state_dict(),
-                                 "singers": {"alto": {"embedding": (e / np.linalg.norm(e)).tolist(),
-                                                      "median_f0": 200.0}}}, tmp_path / "model")
+    folder = random_model_folder(tmp_path / "model")
     env = {**os.environ, "HOME": str(home)}
     svc = [sys.executable, "-m", "orchestration.cli"]
     listed = subprocess.run(svc + ["live", "--list-devices"], env=env, capture_output=True, text=True, timeout=120)

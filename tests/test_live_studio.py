@@ -12,28 +12,15 @@ import struct
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
-from tests.conftest import free_port, measured_f0
+from tests.conftest import free_port, measured_f0, random_tiny_converter
 
 RATE = 48000
 
 
 @pytest.fixture(scope="module")
 def converter():
-    from svc_model.config import load_config
-    from svc_model.infer import Converter
-    from svc_model.model.synthesizer import SVCModel
-
-    torch.manual_seed(0)
-    cfg = load_config("tiny")
-    model = SVCModel(cfg.model, cfg.spectrogram.n_fft // 2 + 1, cfg.audio.sample_rate).eval()
-    rng = np.random.RandomState(0)
-    singers = {}
-    for name in ("alto", "bass"):
-        e = rng.randn(256).astype(np.float32)
-        singers[name] = {"embedding": e / np.linalg.norm(e), "median_f0": 200.0}
-    return Converter(model, cfg, singers)
+    return random_tiny_converter()
 
 
 @pytest.fixture(scope="module")

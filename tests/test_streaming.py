@@ -9,30 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from svc_model.config import load_config
-from svc_model.infer import Converter
 from svc_model.model.generator import HarmonicSource, advance_phase
-from svc_model.model.synthesizer import SVCModel
 from svc_model.streaming import StreamConfig, StreamingConverter, sola_offset, stream_file
-from tests.conftest import measured_f0
+from tests.conftest import measured_f0, random_model_folder, random_tiny_converter
 
 SR = 32000
 
 
 @pytest.fixture(scope="module")
 def converter():
-    torch.manual_seed(0)
-    cfg = load_config("tiny")
-    model = SVCModel(cfg.model, cfg.spectrogram.n_fft // 2 + 1, cfg.audio.sample_rate).eval()
-    rng = np.random.RandomState(0)
-    singers = {}
-    for name in ("alto", "bass"):
-        e = rng.randn(256).astype(np.float32)
-        singers[name] = {"embedding": e / np.linalg.norm(e), "median_f0": 200.0}
-    # The speaker adapter starts as the identity; give it weights so that the embedding changes the output.
-    with torch.no_grad():
-        model.decoder.adapter.W_bias.weight.normal_(0, 0.5)
-    return Converter(model, cfg, singers)
+    return random_tiny_converter(speaker_sensitive=True)
 
 
 def glide(seconds: float, lo: float = 160.0, hi: float = 340.0, amp: float = 0.3) -> np.ndarray:
@@ -212,12 +198,7 @@ def test_svc_convert_stream_writes_the_streamed_audio_and_a_block_log(converter,
 
     from orchestration.cli import main
     from svc_model.audio import read_wav
-    from svc_model.weights import write_model_folder
-
-    model_dir = write_model_folder({"config": converter.cfg.model_dump(mode="json"), "step": 0,
-                                    "generator": converter.model.state_dict(),
-                                    "singers": {n: {"embedding": t.embedding.tolist(), "median_f0": t.median_f0}
-                                                for n, t in converter.singers.items()}}, tmp_path / "model")
+    model_dir = random_model_folder(tmp_path / "model", speaker_sensitive=True)  # the `converter` fixture's model
     source = tmp_path / "glide.wav"
     import soundfile as sf
 
