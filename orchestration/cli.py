@@ -1,6 +1,7 @@
 """The ``svc`` command line. Every command takes ``-C/--workspace DIR``."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -394,15 +395,10 @@ def convert(ws: Workspace, source, output, singer, reference, blend, pitch_shift
     if stream:
         return _convert_streaming(ws, source, out, target, pitch_shift, ckpt, label, device, deterministic, seed,
                                   block_ms)
-    from tqdm import tqdm
 
     try:
         converter = Converter.from_checkpoint(ckpt, device=device, root=ws.root)
-        with tqdm(total=None, desc="converting", unit="piece", disable=None) as bar:
-            def progress(done, total):
-                bar.total = total
-                bar.update(done - bar.n)
-
+        with _progress_bar("converting", "piece") as progress:
             result = converter.convert(source, target, pitch_shift, deterministic=deterministic, seed=seed,
                                        progress=progress)
     except (AudioError, ValueError, FileNotFoundError) as exc:
@@ -413,6 +409,19 @@ def convert(ws: Workspace, source, output, singer, reference, blend, pitch_shift
     click.echo(f"wrote {out}: {len(result.audio) / result.sample_rate:.2f} s at {result.sample_rate} Hz; target "
                f"{result.target}, pitch shift {result.pitch_shift:+.0f} semitones, {result.chunks} piece(s), "
                f"{result.seconds:.1f} s (model {label})")
+
+
+@contextlib.contextmanager
+def _progress_bar(desc: str, unit: str):
+    """A ``progress(done, total)`` callback drawing a tqdm bar (off when not a terminal)."""
+    from tqdm import tqdm
+
+    with tqdm(total=None, desc=desc, unit=unit, disable=None) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        yield progress
 
 
 def _target_option(singer, reference, blend):
@@ -436,8 +445,6 @@ def _convert_streaming(ws, source, out: Path, target, pitch_shift, ckpt, label, 
     import csv
     import io
 
-    from tqdm import tqdm
-
     from svc_model.audio import AudioError, decode, to_mono, write_audio
     from svc_model.infer import Converter
     from svc_model.storage import atomic_write_text
@@ -450,11 +457,7 @@ def _convert_streaming(ws, source, out: Path, target, pitch_shift, ckpt, label, 
         cfg.check()
         data, sr = decode(source)
         converter = Converter.from_checkpoint(ckpt, device=device, root=ws.root)
-        with tqdm(total=None, desc="streaming", unit="block", disable=None) as bar:
-            def progress(done, total):
-                bar.total = total
-                bar.update(done - bar.n)
-
+        with _progress_bar("streaming", "block") as progress:
             audio, streamer = stream_file(converter, to_mono(data), sr, target, float(pitch_shift), cfg,
                                           deterministic=deterministic, seed=seed, progress=progress)
     except (AudioError, ValueError, FileNotFoundError) as exc:
@@ -494,7 +497,8 @@ def _convert_streaming(ws, source, out: Path, target, pitch_shift, ckpt, label, 
 def live(ctx: click.Context, singer, reference, blend, pitch_shift, model_uri, checkpoint, input_device,
          output_device, samplerate, block_ms, gate_db, seconds, device, list_devices) -> None:
     """Sing into a microphone and hear the target singer: live conversion between local audio devices."""
-    from orchestration.live import LiveError, list_devices as device_list, run_live
+    from orchestration.live import LiveError, run_live
+    from orchestration.live import list_devices as device_list
 
     try:
         if list_devices:

@@ -6,7 +6,6 @@ device's default unless given); the converter resamples in and out with streamin
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -79,7 +78,7 @@ def run_live(streamer_factory: Callable[[int], object], *, input_device: str | N
 
     ``streamer_factory(device_rate)`` builds the :class:`~svc_model.streaming.StreamingConverter` for the devices'
     rate (its output, at the model's rate, is resampled to the device rate here)."""
-    from svc_model.streaming import BlockResampler
+    from svc_model.streaming import BlockResampler, rms_db
 
     sd = _sounddevice()
     in_index = _device_index(sd, input_device, "input")
@@ -113,7 +112,7 @@ def run_live(streamer_factory: Callable[[int], object], *, input_device: str | N
                 out, backlog = backlog[:block], backlog[block:]
                 out = np.pad(out, (0, block - len(out)))
                 underflows += bool(stream.write(out[:, None]))
-                level = 20 * math.log10(max(1e-10, float(np.sqrt(np.mean(x[:, 0] ** 2)))))
+                level = max(rms_db(x[:, 0]), -200.0)
                 p95 = float(np.percentile(computes[-50:], 95))
                 gated = bool(streamer.stats.blocks) and streamer.stats.blocks[-1].gated
                 meter(f"in {level:6.1f} dBFS  compute {computes[-1] * 1000:5.0f} ms (p95 {p95 * 1000:4.0f})  "
@@ -124,9 +123,8 @@ def run_live(streamer_factory: Callable[[int], object], *, input_device: str | N
     except sd.PortAudioError as exc:
         raise LiveError(f"audio device error: {exc}") from None
     stats = streamer.stats
-    times = np.array([b.compute_s for b in stats.blocks if not b.gated] or [0.0]) * 1000
     return LiveSummary(blocks=len(computes), gated=sum(b.gated for b in stats.blocks),
-                       compute_p50_ms=float(np.percentile(times, 50)), compute_p95_ms=float(np.percentile(times, 95)),
+                       compute_p50_ms=stats.compute_ms(50), compute_p95_ms=stats.compute_ms(95),
                        latency_ms=streamer.cfg.latency_ms, overflows=overflows, underflows=underflows,
                        delay_samples=int(round(streamer.output_delay * rate / streamer.sr))
                        + (to_device.delay if to_device else 0))

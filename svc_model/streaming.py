@@ -78,7 +78,8 @@ class StreamStats:
         return float(np.percentile(times, q) * 1000) if times else 0.0
 
 
-def _rms_db(x: np.ndarray) -> float:
+def rms_db(x: np.ndarray) -> float:
+    """RMS level in dBFS (-inf for digital silence)."""
     rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if len(x) else 0.0
     return 20 * math.log10(rms) if rms > 0 else -math.inf
 
@@ -185,9 +186,12 @@ class StreamingConverter:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self._audio = np.zeros(self.n_window * self.hop, np.float32)  # the input window at the model's rate
         self._f0 = np.zeros(self.n_window, np.float32)  # shifted f0 per frame of the window
-        start = torch.zeros(1, 11, dtype=torch.float64)
+        from svc_model.model.generator import N_HARMONICS
+
+        start = torch.zeros(1, N_HARMONICS + 1, dtype=torch.float64)  # the fundamental and its overtones
         if not deterministic:  # random start phases for the overtones, as the file converter's source
-            start[:, 1:] = torch.rand(1, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+            start[:, 1:] = torch.rand(1, N_HARMONICS, dtype=torch.float64,
+                                      generator=torch.Generator().manual_seed(seed))
         # phase at the start of each frame of the window (only the decode region's first frame is read)
         self._phase = start.repeat(self.n_window, 1)
         self._tail = np.zeros(self.n_fade * self.hop, np.float32)
@@ -273,7 +277,7 @@ class StreamingConverter:
         self._audio = np.concatenate([self._audio[len(new):], new])
         self._f0 = np.concatenate([self._f0[nb:], np.zeros(nb, np.float32)])
         self._phase = torch.cat([self._phase[nb:], self._phase[-1:].repeat(nb, 1)])
-        level = _rms_db(new)
+        level = rms_db(new)
         gated = self.cfg.gate_db is not None and level < self.cfg.gate_db
         if not gated:
             self._f0[-nb:] = self._pitch() * 2.0 ** (self.pitch_shift / 12.0)

@@ -51,7 +51,6 @@ class LiveTab:
         self.converter_for = converter_for  # () -> (Converter, model label); raises StudioError
         self.token = secrets.token_urlsafe(24)
         self._model_lock = threading.Lock()
-        self.sessions = 0
 
     # ---- the page ---------------------------------------------------------------------------------------------
     def html(self) -> str:
@@ -193,7 +192,6 @@ $('live-singer').addEventListener('change', () => { if (ws && ws.readyState === 
             await websocket.close(code=CLOSE_ERROR, reason=str(exc)[:120])
             return
         await websocket.send_text(json.dumps({"type": "hello", "singers": sorted(converter.singers), "model": label}))
-        self.sessions += 1
         session = None
         try:
             while True:
@@ -201,9 +199,9 @@ $('live-singer').addEventListener('change', () => { if (ws && ws.readyState === 
                 if message["type"] == "websocket.disconnect":
                     return
                 if message.get("text") is not None:
+                    started = session is None  # _control refuses anything but "start" before a session exists
                     session = self._control(converter, session, message["text"])
-                    if session is not None and session.get("announce"):
-                        session.pop("announce")
+                    if started:
                         await websocket.send_text(json.dumps(session["ready"]))
                     continue
                 data = message.get("bytes") or b""
@@ -213,8 +211,6 @@ $('live-singer').addEventListener('change', () => { if (ws && ws.readyState === 
             await websocket.close(code=exc.code, reason=exc.reason)
         except Exception as exc:  # the model failed: tell this client, keep the server up
             await websocket.close(code=CLOSE_ERROR, reason=f"conversion failed: {exc}"[:120])
-        finally:
-            self.sessions -= 1
 
     def _control(self, converter, session, text: str):
         from svc_model.streaming import BlockResampler, StreamConfig, StreamingConverter
@@ -243,7 +239,7 @@ $('live-singer').addEventListener('change', () => { if (ws && ws.readyState === 
                          "block_samples": streamer.block_samples, "singer": streamer.target.name,
                          "sample_rate": int(rate)}
                 back = BlockResampler(streamer.sr, int(rate)) if streamer.sr != int(rate) else None
-                return {"streamer": streamer, "back": back, "ready": ready, "announce": True}
+                return {"streamer": streamer, "back": back, "ready": ready}
             if session is None:
                 raise LiveProtocolError(CLOSE_POLICY, "send a start message first")
             if kind == "target":
