@@ -55,6 +55,9 @@ class TrainingConfig(dg.Config):
     start_from: str = "auto"
     fine_tune: bool = False  # older flag: production, falling back as auto does (with a warning)
     device: str = "auto"
+    # Processes on this node: above 1, training runs under torchrun with DistributedDataParallel (one per GPU on
+    # CUDA, gloo on the CPU); each takes train.batch_size items, so the global batch is nproc times that.
+    nproc: int = 1
 
 
 @dg.asset(
@@ -123,13 +126,18 @@ def _train_in_folder(context, config, ws, cfg, manifest, start, target, folder, 
     from assets import tracking
     from svc_model.train import Trainer
 
+    if config.nproc < 1:
+        raise dg.Failure(f"nproc must be at least 1, got {config.nproc}")
     init_from, base_version = start.checkpoint, start.version
     for column in PATH_COLUMNS:
         manifest[column] = [str(ws.resolve(p)) for p in manifest[column]]
     run_dir = folder.path
-    trainer = Trainer(cfg, manifest, run_dir, device=config.device, init_from=init_from, resume=True,
-                      log=context.log.info, warn=context.log.warning)
-    resumed_step = trainer.step if trainer.resumed_from is not None else None
+    distributed = config.nproc > 1
+    trainer, resumed_step = None, None
+    if not distributed:  # under torchrun the ranks build their own trainers; rank 0 reports the resume
+        trainer = Trainer(cfg, manifest, run_dir, device=config.device, init_from=init_from, resume=True,
+                          log=context.log.info, warn=context.log.warning)
+        resumed_step = trainer.step if trainer.resumed_from is not None else None
     singers = sorted(manifest["singer"].unique())
     tags = {"dagster_run_id": context.run_id, "git_commit": tracking.git_commit(ws), "init_from": start.label,
             "fine_tuned_from_version": str(base_version or ""), "singers": ",".join(singers),
@@ -141,6 +149,8 @@ def _train_in_folder(context, config, ws, cfg, manifest, start, target, folder, 
     # Lineage across a kill: each attempt is its own MLflow run (its metrics start after the checkpoint it resumed,
     # so no step is logged twice), sharing the training_key tag; a resumed one names the attempt it continues.
     previous = folder.attempts[-1].get("mlflow_run_id") if folder.attempts else None
+    if distributed:
+        tags["nproc"] = str(config.nproc)
     if resumed_step is not None:
         tags.update(resumed_from_step=str(resumed_step), resumed_from_checkpoint=trainer.resumed_from.name)
         if previous:
@@ -155,20 +165,24 @@ def _train_in_folder(context, config, ws, cfg, manifest, start, target, folder, 
     # System metrics every 5 s, logged as they come (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides).
     mlflow.set_system_metrics_sampling_interval(float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", 5)))
     mlflow.set_system_metrics_samples_before_logging(1)
+    # Distributed: rank 0 samples the system metrics (one writer at a time to a SQLite store).
     with mlflow.start_run(experiment_id=tracking.experiment_id(ws), run_name=f"train-{context.run_id[:8]}",
-                          tags=tags, log_system_metrics=True) as run:
+                          tags=tags, log_system_metrics=not distributed) as run:
         run_id = run.info.run_id
         folder.add_attempt(dagster_run_id=context.run_id, mlflow_run_id=run_id,
                            resumed_from_step=resumed_step)
         tracking.log_params(client, run_id, cfg.to_flat_dict())
         url = tracking.run_url(ws, run_id)
         context.log.info(f"MLflow run {run_id}: {url}")
-        if trainer.rank == 0:
+        if distributed:
+            result, resumed_step = _train_distributed(context, config, ws, cfg, manifest, init_from, target,
+                                                      run_dir, run_id, client, previous)
+        else:
             trainer.callbacks.append(tracking.MlflowTrainingCallback(client, run_id, cfg.audio.sample_rate))
-        try:
-            result = trainer.fit(max(0, target - trainer.step))
-        finally:
-            trainer.close()
+            try:
+                result = trainer.fit(max(0, target - trainer.step))
+            finally:
+                trainer.close()
         mlflow.log_artifact(str(ws.asset_dir("training_set") / "manifest.parquet"), "training_set")
         version_tags = {"dagster_run_id": context.run_id, "init_from": start.label,
                         "training_key": folder.record["key"]}
@@ -194,3 +208,25 @@ def _train_in_folder(context, config, ws, cfg, manifest, start, target, folder, 
         "run_folder": dg.MetadataValue.path(str(run_dir)),
         "resumed_from_step": resumed_step or 0,
     })
+
+
+def _train_distributed(context, config, ws, cfg, manifest, init_from, target, run_dir, run_id, client, previous):
+    """Train with ``config.nproc`` processes under torchrun (:mod:`assets.distributed`), rank 0 logging to the open
+    MLflow run; tag the resume the ranks found. Returns a :class:`svc_model.train.TrainResult` and the resumed step."""
+    from assets.distributed import DistributedTrainingFailed, launch
+    from svc_model.train import TrainResult
+
+    try:
+        out = launch(nproc=config.nproc, cfg=cfg, manifest=manifest, run_dir=run_dir, device=config.device,
+                     init_from=init_from, target_steps=target, tracking_uri=ws.tracking_uri, run_id=run_id,
+                     log=context.log.info)
+    except (DistributedTrainingFailed, ValueError) as exc:
+        raise dg.Failure(str(exc)) from exc
+    if out.resumed_step is not None:
+        client.set_tag(run_id, "resumed_from_step", str(out.resumed_step))
+        client.set_tag(run_id, "resumed_from_checkpoint", out.resumed_from.name)
+        if previous:
+            client.set_tag(run_id, "resumed_from_run_id", previous)
+    result = TrainResult(step=out.step, checkpoint=out.checkpoint, history=[out.last_losses] if out.last_losses else [],
+                         validation=out.validation, seconds=out.seconds)
+    return result, out.resumed_step

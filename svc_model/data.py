@@ -54,6 +54,7 @@ class Item:
     ppg: np.ndarray  # (frames, ppg_dim)  (50 Hz repeated x2)
     vec: np.ndarray | None  # (frames, vec_dim); None for a model without the vec path
     speaker: np.ndarray  # (spk_dim,)
+    seed: int = 0  # the item's own seed (StepBatches): its crop, and its noise streams in training (ItemNoise)
 
 
 class SegmentDataset(torch.utils.data.Dataset):
@@ -85,7 +86,8 @@ class SegmentDataset(torch.utils.data.Dataset):
         return Item(audio=audio[start * self.hop : stop * self.hop].astype(np.float32),
                     f0=pitch[start:stop, 0].astype(np.float32), ppg=ppg[start:stop].astype(np.float32),
                     vec=vec[start:stop].astype(np.float32) if vec is not None else None,
-                    speaker=np.load(self._path(row["speaker"])).astype(np.float32))
+                    speaker=np.load(self._path(row["speaker"])).astype(np.float32),
+                    seed=int(crop_seed) if crop_seed is not None else int(index))
 
     def __getitem__(self, key):
         index, crop_seed = key if isinstance(key, tuple) else (key, None)
@@ -104,6 +106,7 @@ def collate(items: list[Item], min_frames: int = 1) -> dict[str, torch.Tensor]:
         "vec": torch.zeros(len(items), items[0].vec.shape[1], frames) if items[0].vec is not None else None,
         "speaker": torch.from_numpy(np.stack([it.speaker for it in items])),
         "lengths": torch.tensor(lengths, dtype=torch.long),
+        "seeds": torch.tensor([it.seed for it in items], dtype=torch.long),
     }
     for i, it in enumerate(items):
         n = lengths[i]

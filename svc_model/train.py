@@ -32,7 +32,7 @@ from svc_model.model.losses import (
     mel_loss,
     speaker_loss,
 )
-from svc_model.model.modules import slice_segments
+from svc_model.model.modules import ItemNoise, slice_segments
 from svc_model.model.spectral import LinearSpectrogram, LogMelSpectrogram
 
 CHECKPOINT_GLOB = "step-*.pt"
@@ -88,6 +88,24 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def init_distributed(device: torch.device) -> torch.device:
+    """Join the process group that ``torchrun`` describes in the environment (``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``): NCCL on GPUs, each rank on ``cuda:LOCAL_RANK``; gloo on the CPU.
+    Returns the rank's device."""
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"local rank {local_rank} has no GPU: {torch.cuda.device_count()} visible; start at "
+                               f"most that many processes per node")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -170,12 +188,17 @@ class Trainer:
         self.warn = warn if warn is not None else (lambda message: log(f"warning: {message}"))
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        # Half-written checkpoints or history of a killed run (their writer's pid is gone).
-        for stale in sweep_stale_temps(self.out_dir):
-            log(f"removed {stale.name}, left by a killed writer")
-        self.device = pick_device(device)
+        # Under torchrun (WORLD_SIZE > 1): DistributedDataParallel, each rank a shard of every global batch; rank
+        # 0 alone validates, logs, calls back and writes checkpoints and history.
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.distributed = self.world_size > 1
+        self.device = pick_device(device)
+        if self.distributed:
+            self.device = init_distributed(self.device)
+        # Half-written checkpoints or history of a killed run (their writer's pid is gone).
+        for stale in (sweep_stale_temps(self.out_dir) if self.rank == 0 else []):
+            log(f"removed {stale.name}, left by a killed writer")
         self.callbacks = list(callbacks) if self.rank == 0 else []
         t = cfg.train
         if t.deterministic:
@@ -217,7 +240,15 @@ class Trainer:
         self.step = 0
         self.init_from = None
         self.base_lr = t.learning_rate
-        self.resumed_from: Path | None = self._resume() if resume else None
+        self.resumed_from: Path | None = self._resume() if resume and self.rank == 0 else None
+        if self.distributed and resume:  # rank 0 chose (and set aside what it could not load); the others follow
+            import torch.distributed as dist
+
+            chosen = [str(self.resumed_from) if self.resumed_from is not None else None]
+            dist.broadcast_object_list(chosen, src=0)
+            if self.rank != 0 and chosen[0] is not None:
+                self.resumed_from = Path(chosen[0])
+                self._restore(self.resumed_from, restore_rng=False)
         if self.resumed_from is not None:
             self._trim_history()
             log(f"resuming from step {self.step} (checkpoint {self.resumed_from})")
@@ -225,6 +256,16 @@ class Trainer:
             self._init_weights(Path(init_from))
             self.base_lr = t.fine_tune_learning_rate
             log(f"fine-tuning from {init_from} at learning rate {self.base_lr:g}")
+        # The networks as the training step calls them: wrapped for gradient averaging across ranks. Checkpoints,
+        # validation and conversion use the plain modules (no "module." prefixes).
+        self.generator_step, self.discriminator_step = self.generator, self.discriminator
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.generator_step = DistributedDataParallel(self.generator, device_ids=ids)
+            self.discriminator_step = DistributedDataParallel(self.discriminator, device_ids=ids)
+            set_seed(t.seed + self.rank)  # dropout masks differ across ranks (ItemNoise draws do not depend on it)
         self.writer = None
         if tensorboard and self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
@@ -300,7 +341,7 @@ class Trainer:
                 raise ValueError(f"{path}: its {name} state does not match this model's parameters")
         int(ckpt["step"])
 
-    def _restore(self, path: Path) -> None:
+    def _restore(self, path: Path, restore_rng: bool = True) -> None:
         from svc_model.weights import load_torch_file
 
         ckpt = load_torch_file(path, self.device)
@@ -311,7 +352,8 @@ class Trainer:
         self.optim_d.load_state_dict(ckpt["optim_d"])
         self.base_lr = float(ckpt.get("base_lr", self.cfg.train.learning_rate))
         self.scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
+        if restore_rng:
+            set_rng_state(ckpt["rng"])
         self.step = int(ckpt["step"])
         self.init_from = ckpt.get("init_from")
 
@@ -383,6 +425,8 @@ class Trainer:
         the caller's choice, so a GPU step does not wait for the host)."""
         w, t = self.cfg.train.loss_weights, self.cfg.train
         hop = self.cfg.spectrogram.hop
+        # Each item's random draws from its own stream: a global batch split over ranks trains as one process.
+        noise = ItemNoise(batch["seeds"].tolist(), self.device)
         batch = self._to_device(batch)
         lr = self.learning_rate()
         for optim in (self.optim_g, self.optim_d):
@@ -392,14 +436,14 @@ class Trainer:
         self.discriminator.train()
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             spec = self.linear_spec(batch["audio"])
-            out = self.generator(batch["ppg"], batch["vec"], batch["f0"], spec, batch["speaker"], batch["lengths"],
-                                 self.segment_frames)
+            out = self.generator_step(batch["ppg"], batch["vec"], batch["f0"], spec, batch["speaker"],
+                                      batch["lengths"], self.segment_frames, noise=noise)
             y = slice_segments(batch["audio"].unsqueeze(1), out.slice_starts * hop, self.segment_frames * hop)
             y_hat = out.audio
 
-            # Discriminator: real to 1, generated to 0 (averaged over the sub-discriminators, as the anchor).
-            real = self.discriminator(y)
-            fake = self.discriminator(y_hat.detach())
+            # Discriminator: real to 1, generated to 0 (averaged over the sub-discriminators, as the anchor). One
+            # pass over real and generated together: DDP reduces once per forward.
+            real, fake = split_batch(self.discriminator_step(torch.cat([y, y_hat.detach()])), y.shape[0])
             loss_d = discriminator_loss([s for _, s in real], [s for _, s in fake])
         self.optim_d.zero_grad(set_to_none=True)
         self.scaler.scale(loss_d).backward()
@@ -407,6 +451,8 @@ class Trainer:
         grad_d = torch.nn.utils.clip_grad_norm_(self.discriminator.parameters(), t.grad_clip)
         self.scaler.step(self.optim_d)
 
+        # The plain discriminator: its gradients from the generator's loss are discarded (zeroed before its next
+        # update), so they are not reduced across ranks.
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             real = self.discriminator(y)
             fake = self.discriminator(y_hat)
@@ -504,7 +550,13 @@ class Trainer:
             if not pending:
                 return
             names = list(pending[0][1])
-            values = torch.stack([torch.stack([v[n] for n in names]) for _, v in pending]).cpu().tolist()
+            stacked = torch.stack([torch.stack([v[n].to(self.device) for n in names]) for _, v in pending])
+            if self.distributed:  # the global batch's losses: the mean of the ranks' (equal-sized) shards
+                import torch.distributed as dist
+
+                dist.all_reduce(stacked)
+                stacked = stacked / self.world_size
+            values = stacked.cpu().tolist()
             lines = []
             for (step, _), row in zip(pending, values):
                 losses = dict(zip(names, row))
@@ -531,18 +583,19 @@ class Trainer:
                 flush()
             if self.step % t.validate_every == 0:
                 flush()
-                metrics, samples = self.validate()
-                result.validation = metrics
-                self._log_validation(metrics, samples)
+                if self.rank == 0:
+                    metrics, samples = self.validate()
+                    result.validation = metrics
+                    self._log_validation(metrics, samples)
             if self.step % t.checkpoint_every == 0:
                 flush()
                 last = self.save_checkpoint()
         flush()
-        if result.history and self.step % t.validate_every != 0:  # always end with a validation
+        if result.history and self.step % t.validate_every != 0 and self.rank == 0:  # always end validated
             metrics, samples = self.validate()
             result.validation = metrics
             self._log_validation(metrics, samples)
-        if last is None or int(last.stem.split("-")[1]) != self.step:
+        if self.rank == 0 and (last is None or int(last.stem.split("-")[1]) != self.step):
             last = self.save_checkpoint()
         result.step, result.checkpoint = self.step, last
         result.seconds = time.perf_counter() - started
@@ -555,6 +608,18 @@ class Trainer:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.distributed:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def split_batch(outputs: list, n: int) -> tuple[list, list]:
+    """The discriminator's ``[(feature maps, score), ...]`` for a batch of ``[first n; rest]`` -> the two halves."""
+    first = [([f[:n] for f in feats], score[:n]) for feats, score in outputs]
+    rest = [([f[n:] for f in feats], score[n:]) for feats, score in outputs]
+    return first, rest
 
 
 def manifest_speaker_encoder(manifest: pd.DataFrame) -> str:

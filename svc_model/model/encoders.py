@@ -63,11 +63,13 @@ class PosteriorEncoder(nn.Module):
         self.enc = WaveNet(hidden, kernel_size, dilation_rate, n_layers, gin_channels)
         self.proj = nn.Conv1d(hidden, 2 * out_channels, 1)
 
-    def forward(self, spec: torch.Tensor, mask: torch.Tensor, g: torch.Tensor):
+    def forward(self, spec: torch.Tensor, mask: torch.Tensor, g: torch.Tensor, noise=None):
+        """``noise``: an :class:`svc_model.model.modules.ItemNoise` for the latent sample (else torch's RNG)."""
         x = self.pre(spec) * mask
         x = self.enc(x, mask, g)
         m, logs = torch.split(self.proj(x) * mask, self.out_channels, dim=1)
-        z = (m + torch.randn_like(m) * torch.exp(logs)) * mask
+        eps = noise.randn_like(m) if noise is not None else torch.randn_like(m)
+        z = (m + eps * torch.exp(logs)) * mask
         return z, m, logs
 
 

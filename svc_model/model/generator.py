@@ -141,11 +141,13 @@ class HarmonicSource(nn.Module):
         self.register_buffer("merge_b", torch.tensor(SOURCE_MERGE_BIAS))
 
     def forward(self, f0: torch.Tensor, deterministic: bool = False,
-                generator: torch.Generator | None = None, start_phase: torch.Tensor | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, start_phase: torch.Tensor | None = None,
+                noise=None) -> torch.Tensor:
         """``deterministic``: overtones start at phase 0 and no noise is added (tests, A/B listening).
         Otherwise each overtone gets a random start phase and Gaussian noise is added, as in training.
         ``start_phase`` ``(B, harmonics)`` in cycles (float64) continues a source built earlier (streaming: see
-        :func:`advance_phase`); it replaces the start phases."""
+        :func:`advance_phase`); it replaces the start phases. ``noise`` (an
+        :class:`svc_model.model.modules.ItemNoise`, training) supplies the random draws instead of ``generator``."""
         with torch.no_grad():
             harmonics = f0[:, :, None] * torch.arange(1, N_HARMONICS + 2, device=f0.device, dtype=f0.dtype)
             # Phase in float64: a float32 running sum drifts audibly over a whole track.
@@ -153,8 +155,11 @@ class HarmonicSource(nn.Module):
             if start_phase is not None:
                 steps[:, 0, :] = steps[:, 0, :] + start_phase.to(steps)
             elif not deterministic:
-                offset = torch.rand(f0.shape[0], N_HARMONICS + 1, device=f0.device, dtype=torch.float64,
-                                    generator=generator)
+                if noise is not None:
+                    offset = noise.rand((f0.shape[0], N_HARMONICS + 1), dtype=torch.float64).to(f0.device)
+                else:
+                    offset = torch.rand(f0.shape[0], N_HARMONICS + 1, device=f0.device, dtype=torch.float64,
+                                        generator=generator)
                 offset[:, 0] = 0
                 steps[:, 0, :] = steps[:, 0, :] + offset
             phase = torch.cumsum(steps, dim=1) % 1.0
@@ -163,8 +168,11 @@ class HarmonicSource(nn.Module):
             sines = sines * voiced
             if not deterministic:
                 noise_amp = voiced * self.noise_std + (1 - voiced) * self.sine_amp / 3
-                sines = sines + noise_amp * torch.randn(sines.shape, device=f0.device, dtype=f0.dtype,
-                                                        generator=generator)
+                if noise is not None:
+                    eps = noise.randn(sines.shape, f0.dtype).to(f0.device)
+                else:
+                    eps = torch.randn(sines.shape, device=f0.device, dtype=f0.dtype, generator=generator)
+                sines = sines + noise_amp * eps
         merged = torch.tanh(F.linear(sines, self.merge_w.to(sines.dtype), self.merge_b.to(sines.dtype)))
         return merged.transpose(1, 2)
 
@@ -231,21 +239,23 @@ class Generator(nn.Module):
                 conv.weight.mul_(source_init_gain)
 
     def source(self, f0: torch.Tensor, deterministic: bool = False,
-               generator: torch.Generator | None = None, start_phase: torch.Tensor | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, start_phase: torch.Tensor | None = None,
+               noise=None) -> torch.Tensor:
         """Frame-rate f0 ``(B, T)`` -> the excitation ``(B, 1, T * hop)``. Conversion builds it once per track
         and slices it per chunk, so the sine phase runs on across chunk boundaries; streaming passes the phase
         carried from the previous block as ``start_phase``."""
-        return self.m_source(torch.repeat_interleave(f0, self.hop, dim=1), deterministic, generator, start_phase)
+        return self.m_source(torch.repeat_interleave(f0, self.hop, dim=1), deterministic, generator, start_phase,
+                             noise)
 
     def forward(self, z: torch.Tensor, speaker: torch.Tensor, f0: torch.Tensor | None = None,
-                source: torch.Tensor | None = None) -> torch.Tensor:
+                source: torch.Tensor | None = None, noise=None) -> torch.Tensor:
         """``z`` (B, C, T), raw ``speaker`` (B, spk_dim), and ``f0`` (B, T) Hz or a prebuilt ``source``
         (B, 1, T*hop) -> audio (B, 1, T*hop) in [-1, 1]. Training adds unit noise to ``z`` (the anchor's
         perturbation, which makes the decoder robust to the prior's imperfect latents)."""
         if source is None:
-            source = self.source(f0, deterministic=not self.training)
+            source = self.source(f0, deterministic=not self.training, noise=noise)
         if self.training:
-            z = z + torch.randn_like(z)
+            z = z + (noise.randn_like(z) if noise is not None else torch.randn_like(z))
         x = self.conv_pre(self.adapter(z, speaker))
         x = x * torch.tanh(F.softplus(x))  # mish
         for i, (up, noise_conv) in enumerate(zip(self.ups, self.noise_convs)):

@@ -31,7 +31,11 @@ class MultiResolutionSTFTLoss(nn.Module):
         sc, mag = 0.0, 0.0
         for i in range(len(self.resolutions)):
             s_hat, s = self._mag(y_hat, i), self._mag(y, i)
-            sc = sc + torch.linalg.norm(s - s_hat) / torch.linalg.norm(s).clamp(min=1e-7)
+            # Spectral convergence per item, then averaged: the anchor takes one ratio over the whole batch,
+            # which makes the loss depend on how a batch is split (DDP ranks would disagree with one process).
+            # For a batch of one the two are the same.
+            num = torch.linalg.vector_norm(s - s_hat, dim=(1, 2))
+            sc = sc + (num / torch.linalg.vector_norm(s, dim=(1, 2)).clamp(min=1e-7)).mean()
             mag = mag + F.l1_loss(torch.log(s_hat), torch.log(s))
         n = len(self.resolutions)
         return sc / n, mag / n

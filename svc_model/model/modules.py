@@ -24,10 +24,48 @@ def slice_segments(x: torch.Tensor, starts: torch.Tensor, size: int) -> torch.Te
     return torch.gather(x, 2, index)
 
 
-def random_slice_starts(lengths: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+class ItemNoise:
+    """A training step's random draws, made item by item from one seeded stream per item.
+
+    Each item's noise then depends only on the item (its seed from :class:`svc_model.data.StepBatches`), not on
+    which other items share its batch or its process: a step split across DDP ranks draws what one process with
+    the whole global batch draws, as long as the batches pad to the same length (they do when every segment is
+    at least ``train.max_frames`` long: all crops are then that long).
+    """
+
+    def __init__(self, seeds, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return self.randn(x.shape, x.dtype)
+
+    def randn(self, shape, dtype=torch.float32) -> torch.Tensor:
+        """Standard normal noise of ``shape`` ``(B, ...)``, item ``i`` from stream ``i``."""
+        return self._draw(torch.randn, shape, dtype)
+
+    def rand(self, shape, dtype=torch.float32) -> torch.Tensor:
+        """Uniform ``[0, 1)`` noise of ``shape`` ``(B, ...)``, item ``i`` from stream ``i``."""
+        return self._draw(torch.rand, shape, dtype)
+
+    def _draw(self, fn, shape, dtype) -> torch.Tensor:
+        shape = tuple(shape)
+        if shape[0] != len(self.generators):
+            raise ValueError(f"noise for {shape[0]} items from {len(self.generators)} item streams")
+        return torch.stack([fn(shape[1:], generator=g, device=self.device, dtype=dtype) for g in self.generators])
+
+
+def random_slice_starts(lengths: torch.Tensor, size: int, generator: torch.Generator | None = None,
+                        noise: ItemNoise | None = None) -> torch.Tensor:
     """Random start per item such that ``start + size <= max(length, size)``."""
     high = (lengths - size).clamp(min=0) + 1
-    rand = torch.rand(lengths.shape, generator=generator, device="cpu").to(lengths.device)
+    if noise is not None:
+        rand = noise.rand((len(lengths),)).to(lengths.device)
+    else:
+        rand = torch.rand(lengths.shape, generator=generator, device="cpu").to(lengths.device)
     return (rand * high).long()
 
 

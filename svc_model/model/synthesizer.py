@@ -21,7 +21,7 @@ from svc_model.config import ModelConfig
 from svc_model.model.encoders import PosteriorEncoder, PriorEncoder, SpeakerClassifier
 from svc_model.model.flow import Flow
 from svc_model.model.generator import Generator
-from svc_model.model.modules import random_slice_starts, sequence_mask, slice_segments
+from svc_model.model.modules import ItemNoise, random_slice_starts, sequence_mask, slice_segments
 
 # whisper-vits-svc's top-level names -> ours (``flow`` and ``speaker_classifier`` keep theirs).
 ANCHOR_PREFIXES = {"emb_g": "speaker_proj", "enc_p": "prior_encoder", "enc_q": "posterior_encoder", "dec": "decoder"}
@@ -62,25 +62,30 @@ class SVCModel(nn.Module):
         self.hop = self.decoder.hop
 
     def forward(self, ppg, vec, f0, spec, speaker, lengths, segment_frames: int,
-                generator: torch.Generator | None = None) -> TrainOutput:
+                generator: torch.Generator | None = None, noise: ItemNoise | None = None) -> TrainOutput:
         """Training pass. Frame-level inputs are ``(B, C, T)`` (``f0``: ``(B, T)``), all at 100 frames/s.
 
         PPG and vec get Gaussian noise first (``ppg_noise``/``vec_noise``, the anchor's 1 and 2): the prior must
         not rely on fine detail that differs between singers' renderings of the same content.
+
+        ``noise``: every random draw of the pass (perturbations, latent samples, crop starts, the source's phases
+        and noise) comes from these per-item streams, so the pass does not depend on how a global batch is split
+        (the trainer always passes one); without it the draws come from torch's global RNG.
         """
+        randn_like = noise.randn_like if noise is not None else torch.randn_like
         mask = sequence_mask(lengths, ppg.shape[2]).to(ppg.dtype)
         if self.cfg.ppg_noise:
-            ppg = ppg + torch.randn_like(ppg) * self.cfg.ppg_noise
+            ppg = ppg + randn_like(ppg) * self.cfg.ppg_noise
         if vec is not None and self.cfg.vec_noise:
-            vec = vec + torch.randn_like(vec) * self.cfg.vec_noise
+            vec = vec + randn_like(vec) * self.cfg.vec_noise
         g = self.speaker_proj(F.normalize(speaker, dim=-1)).unsqueeze(-1)
         m_p, logs_p, hidden = self.prior_encoder(ppg, vec, f0, mask)
-        prior_sample = (m_p + torch.randn_like(m_p) * torch.exp(logs_p)) * mask
-        z, m_q, logs_q = self.posterior_encoder(spec, mask, g)
-        starts = random_slice_starts(lengths, segment_frames, generator)
+        prior_sample = (m_p + randn_like(m_p) * torch.exp(logs_p)) * mask
+        z, m_q, logs_q = self.posterior_encoder(spec, mask, g, noise)
+        starts = random_slice_starts(lengths, segment_frames, generator, noise)
         z_slice = slice_segments(z, starts, segment_frames)
         f0_slice = slice_segments(f0.unsqueeze(1), starts, segment_frames).squeeze(1)
-        audio = self.decoder(z_slice, speaker, f0_slice)
+        audio = self.decoder(z_slice, speaker, f0_slice, noise=noise)
         # The flow is conditioned on the raw embedding, as the anchor's is.
         z_p, logdet_f = self.flow(z, mask, speaker)
         z_q, logdet_r = self.flow(prior_sample, mask, speaker, reverse=True)
