@@ -62,7 +62,7 @@ class TrainingConfig(dg.Config):
 
 @dg.asset(
     deps=[training_set],
-    code_version="2",
+    code_version="3",
     group_name="training",
     kinds={"pytorch", "mlflow"},
     description="Fine-tunes from production, else from base (an imported pretrained model), else trains from "
