@@ -31,8 +31,10 @@ def experiment_id(ws: Workspace) -> str:
 
 
 def run_url(ws: Workspace, run_id: str) -> str:
-    """Where the run is in ``mlflow ui`` (started with the command the demo prints)."""
-    return f"http://127.0.0.1:{UI_PORT}/#/experiments/{experiment_id(ws)}/runs/{run_id}"
+    """Where the run is in the MLflow UI: the tracking server's own, else ``mlflow ui`` (started with the command
+    the demo prints)."""
+    base = ws.tracking_uri.rstrip("/") if ws.tracking_server else f"http://127.0.0.1:{UI_PORT}"
+    return f"{base}/#/experiments/{experiment_id(ws)}/runs/{run_id}"
 
 
 def git_commit(ws: Workspace) -> str:
@@ -238,14 +240,26 @@ class ResolvedModel:
     def path(self) -> Path:
         """The version's model folder (generator.safetensors, config.json, singers.json); for a version
         registered before models were stored that way, its checkpoint ``.pt`` (read with weights_only=True).
-        Read only: with a local store, MLflow returns the registry's own artifact folder, not a copy."""
+        Read only: with a local store, MLflow returns the registry's own artifact folder, not a copy. From a
+        tracking server, the version is downloaded once into ``models/registry/`` of the workspace (git-ignored)
+        and reused."""
         import mlflow
+        from svc_model.storage import atomic_dir
         from svc_model.weights import GENERATOR_FILE
 
         mlflow.set_tracking_uri(self.ws.tracking_uri)
         mlflow.set_registry_uri(self.ws.tracking_uri)
         uri = f"models:/{self.ws.settings.registered_model_name}/{self.version.version}"
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=self.ws.tracking_uri))
+        if self.ws.tracking_server:
+            # The run id in the name: a registry made anew (version numbers reused) never finds an old copy.
+            local = (self.ws.root / "models" / "registry"
+                     / f"v{self.version.version}-{(self.version.run_id or 'none')[:12]}")
+            if not local.is_dir():
+                with atomic_dir(local) as tmp:
+                    mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp),
+                                                        tracking_uri=self.ws.tracking_uri)
+        else:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=self.ws.tracking_uri))
         found = sorted(local.rglob(GENERATOR_FILE)) or sorted(local.rglob("*.pt"))
         if not found:
             raise FileNotFoundError(f"model version {self.version.version}: neither {GENERATOR_FILE} nor a "

@@ -38,9 +38,32 @@ DAGSTER_YAML = """\
 # Dagster instance of this workspace (DAGSTER_HOME). Storage defaults to SQLite in this folder.
 telemetry:
   enabled: false
-run_queue:
-  max_concurrent_runs: 2
+concurrency:
+  runs:
+    max_concurrent_runs: 2   # runs the daemon starts at once (`svc build --parallel N`: N at once)
+  pools:
+    default_limit: 1         # steps at once in a pool with no limit of its own: "gpu" (orchestration/pools.py)
 """
+
+# The same instance on a shared Postgres (svc.yaml: dagster_postgres_url). The URL is read from the environment, never
+# written here (this file is versioned): `svc ui` and `svc` commands set it from svc.yaml, or from the variable itself.
+DAGSTER_POSTGRES_ENV = "SVC_DAGSTER_POSTGRES_URL"
+MLFLOW_TRACKING_ENV = "SVC_MLFLOW_TRACKING_URI"
+# DAGSTER_YAML with its storage on Postgres: the same settings, so that a change to one reaches the other.
+DAGSTER_YAML_POSTGRES = (
+    "# Dagster instance of this workspace (DAGSTER_HOME). Runs, events and schedules are stored in the Postgres\n"
+    f"# database that svc.yaml's dagster_postgres_url names (or ${DAGSTER_POSTGRES_ENV}); `svc` writes this file,\n"
+    "# and sets the variable for the processes it starts.\n"
+    + DAGSTER_YAML.split("\n", 1)[1]
+    + f"storage:\n  postgres:\n    postgres_url:\n      env: {DAGSTER_POSTGRES_ENV}\n"
+)
+# What `svc` wrote before: switched to DAGSTER_YAML_POSTGRES when svc.yaml names a Postgres.
+GENERATED_DAGSTER_YAMLS = (
+    ("# Dagster instance of this workspace (DAGSTER_HOME). Storage defaults to SQLite in this folder.\n"
+     "telemetry:\n  enabled: false\nrun_queue:\n  max_concurrent_runs: 2\n"),
+)
+POSTGRES_SCHEMES = ("postgresql", "postgresql+psycopg2")
+MLFLOW_SERVER_SCHEMES = ("http", "https")
 
 DVC_YAML = """\
 # DVC's view of the pipeline. It does not re-implement anything: each stage calls the same Dagster
@@ -150,13 +173,77 @@ def validate_singer_name(name: str) -> str:
     return name
 
 
+def redact_url(url: str | None) -> str | None:
+    """``url`` with its password (if any) replaced by ``***``: for messages and logs."""
+    if not url:
+        return url
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    userinfo = netloc[0].split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{userinfo}:***@{netloc[1]}"))
+
+
+def url_has_password(url: str | None) -> bool:
+    from urllib.parse import urlsplit
+
+    return bool(url) and urlsplit(url).password is not None
+
+
+def validate_postgres_url(url: str, what: str = "dagster_postgres_url") -> str:
+    """``postgresql://[USER[:PASSWORD]@]HOST[:PORT]/DATABASE``, as SQLAlchemy (dagster-postgres) takes it."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a bad port
+    except (ValueError, TypeError) as exc:
+        raise WorkspaceError(f"{what}: {redact_url(str(url))!r} is not a URL: {exc}") from None
+    hint = "postgresql://USER@HOST:PORT/DATABASE (the password in PGPASSWORD or ~/.pgpass, not in svc.yaml)"
+    if parts.scheme not in POSTGRES_SCHEMES:
+        extra = " (SQLAlchemy needs 'postgresql://', not 'postgres://')" if parts.scheme == "postgres" else ""
+        raise WorkspaceError(f"{what}: {redact_url(url)!r} is not a Postgres URL{extra}; use {hint}")
+    if not parts.hostname or not parts.path.strip("/"):
+        raise WorkspaceError(f"{what}: {redact_url(url)!r} needs a host and a database name; use {hint}")
+    return url
+
+
+def validate_mlflow_server_url(url: str, what: str = "--mlflow") -> str:
+    """An MLflow tracking server: ``http(s)://HOST:PORT``."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018
+    except (ValueError, TypeError) as exc:
+        raise WorkspaceError(f"{what}: {redact_url(str(url))!r} is not a URL: {exc}") from None
+    if parts.scheme not in MLFLOW_SERVER_SCHEMES or not parts.hostname:
+        raise WorkspaceError(
+            f"{what}: {redact_url(url)!r} is not an MLflow tracking server URL; use http://HOST:PORT or "
+            "https://HOST (started with `mlflow server --backend-store-uri postgresql://... --serve-artifacts`)"
+        )
+    if url_has_password(url):
+        raise WorkspaceError(f"{what}: put the server's login in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, "
+                             "not in the URL (svc.yaml is versioned)")
+    return url.rstrip("/")
+
+
 @dataclass(frozen=True)
 class WorkspaceSettings:
-    """What ``svc.yaml`` holds."""
+    """What ``svc.yaml`` holds, with ``$SVC_DAGSTER_POSTGRES_URL`` / ``$SVC_MLFLOW_TRACKING_URI`` overriding it."""
 
     config: str = "tiny"
-    mlflow_tracking_uri: str | None = None
+    mlflow_tracking_uri: str | None = None  # None: sqlite:///<workspace>/mlflow/mlflow.db
     registered_model_name: str = "svc"
+    dagster_postgres_url: str | None = None  # None: SQLite in <workspace>/.dagster
+    gpu_pool: str = "auto"  # auto | always | never: which steps take a "gpu" pool slot (orchestration/pools.py)
+
+    def __post_init__(self):
+        if self.dagster_postgres_url:
+            validate_postgres_url(self.dagster_postgres_url)
 
 
 @dataclass(frozen=True)
@@ -192,7 +279,14 @@ class Workspace:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise WorkspaceError(f"{path}: unknown settings {unknown}; known: {sorted(known)}")
-        return WorkspaceSettings(**raw)
+        # The environment names the shared servers (and keeps a password out of the versioned svc.yaml).
+        for key, env in (("dagster_postgres_url", DAGSTER_POSTGRES_ENV), ("mlflow_tracking_uri", MLFLOW_TRACKING_ENV)):
+            if os.environ.get(env):
+                raw[key] = os.environ[env]
+        try:
+            return WorkspaceSettings(**raw)
+        except WorkspaceError as exc:
+            raise WorkspaceError(f"{path}: {exc}") from None
 
     def config(self):
         """The typed model/pipeline config this workspace uses (``svc.yaml: config``)."""
@@ -244,6 +338,22 @@ class Workspace:
         return self.settings.mlflow_tracking_uri or f"sqlite:///{self.mlflow_dir / 'mlflow.db'}"
 
     @property
+    def tracking_server(self) -> bool:
+        """MLflow is a tracking server (``http(s)://``): it owns the artifact store, clients download through it."""
+        return self.tracking_uri.split(":", 1)[0] in MLFLOW_SERVER_SCHEMES
+
+    @property
+    def dagster_postgres_url(self) -> str | None:
+        """The shared Dagster storage (Postgres) as SQLAlchemy takes it, or ``None`` for SQLite in ``.dagster``.
+
+        ``postgresql://`` is made ``postgresql+psycopg2://``: SQLAlchemy 2.1 reads the bare scheme as psycopg 3,
+        and dagster-postgres brings psycopg2."""
+        url = self.settings.dagster_postgres_url
+        if url and url.startswith("postgresql://"):
+            url = "postgresql+psycopg2://" + url.removeprefix("postgresql://")
+        return url
+
+    @property
     def artifact_root(self) -> str:
         return (self.mlflow_dir / "artifacts").as_uri()
 
@@ -253,6 +363,11 @@ class Workspace:
         env["DAGSTER_HOME"] = str(self.dagster_home)
         env["SVC_WORKSPACE"] = str(self.root)
         env["MLFLOW_TRACKING_URI"] = self.tracking_uri
+        postgres = self.dagster_postgres_url
+        if postgres:  # dagster.yaml reads it from there (see DAGSTER_YAML_POSTGRES)
+            env[DAGSTER_POSTGRES_ENV] = postgres
+        else:
+            env.pop(DAGSTER_POSTGRES_ENV, None)
         return env
 
     # ---- singers ---------------------------------------------------------------------------------------------
@@ -409,8 +524,16 @@ class Workspace:
         for path in (self.raw_dir, self.derived_dir, self.mlflow_dir / "artifacts", self.dagster_home):
             path.mkdir(parents=True, exist_ok=True)
         dagster_yaml = self.dagster_home / "dagster.yaml"
-        if not dagster_yaml.exists():
-            atomic_write_text(dagster_yaml, DAGSTER_YAML)
+        wanted = DAGSTER_YAML_POSTGRES if self.dagster_postgres_url else DAGSTER_YAML
+        try:
+            current = dagster_yaml.read_text()
+        except FileNotFoundError:
+            current = None
+        # Switch between SQLite and Postgres as svc.yaml says (from any file svc wrote); a dagster.yaml edited by
+        # hand is left alone, and so is an older default while the storage stays SQLite.
+        ours = (DAGSTER_YAML, *GENERATED_DAGSTER_YAMLS) if wanted == DAGSTER_YAML_POSTGRES else (DAGSTER_YAML_POSTGRES,)
+        if current is None or current in ours:
+            atomic_write_text(dagster_yaml, wanted)
 
 
 CONFIG_DEP_NOTE = "# config named by svc.yaml (svc init updates)"
@@ -437,11 +560,36 @@ def with_config_deps(ws: Workspace, dvc_yaml: str) -> str:
     return "".join(out)
 
 
-def init_workspace(root: str | Path, config: str = "tiny") -> Workspace:
+def set_settings(root: str | Path, **values: str | None) -> None:
+    """Set top-level keys of ``svc.yaml`` in place, keeping its comments and the other lines."""
+    path = Path(root) / WORKSPACE_FILE
+    lines = path.read_text().splitlines(keepends=True)
+    for key, value in values.items():
+        line = f"{key}: {'null' if value is None else json.dumps(value)}\n"  # a JSON string is valid YAML
+        found = [i for i, text in enumerate(lines) if re.match(rf"{re.escape(key)}\s*:", text)]
+        if found:
+            comment = re.search(r"\s+#.*$", lines[found[0]].rstrip("\n"))
+            lines[found[0]] = line.rstrip("\n") + (comment.group(0) if comment else "") + "\n"
+        else:
+            if lines and not lines[-1].endswith("\n"):
+                lines[-1] += "\n"
+            lines.append(line)
+    atomic_write_text(path, "".join(lines))
+
+
+def init_workspace(root: str | Path, config: str = "tiny", *, postgres_url: str | None = None,
+                   mlflow_uri: str | None = None) -> Workspace:
     """Create (or complete) a workspace: folders, ``svc.yaml``, git + DVC with a local default remote, MLflow store.
 
-    Idempotent: running it on an existing workspace only adds what is missing.
+    ``postgres_url`` / ``mlflow_uri``: a shared instance (Dagster storage on Postgres, an MLflow tracking server),
+    written into ``svc.yaml`` (also on an existing workspace). Idempotent: otherwise, running it on an existing
+    workspace only adds what is missing.
     """
+    if postgres_url is not None:
+        validate_postgres_url(postgres_url, "--postgres")
+    if mlflow_uri is not None:
+        mlflow_uri = validate_mlflow_server_url(mlflow_uri)
+        check_tracking_server(mlflow_uri)  # before anything is written
     root = Path(root).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     settings_file = root / WORKSPACE_FILE
@@ -450,9 +598,13 @@ def init_workspace(root: str | Path, config: str = "tiny") -> Workspace:
             settings_file,
             "# VoiceCraft SVC workspace settings\n"
             f"config: {config}            # a profile in configs/ or a YAML path relative to this folder\n"
-            "mlflow_tracking_uri: null   # null = sqlite:///<workspace>/mlflow/mlflow.db\n"
+            "mlflow_tracking_uri: null   # null = sqlite:///<workspace>/mlflow/mlflow.db; or http://HOST:PORT (a server)\n"
             "registered_model_name: svc\n"
+            "dagster_postgres_url: null  # null = SQLite in .dagster/; or postgresql://USER@HOST:PORT/DB (shared)\n"
         )
+    shared = {k: v for k, v in (("dagster_postgres_url", postgres_url), ("mlflow_tracking_uri", mlflow_uri)) if v}
+    if shared:
+        set_settings(root, **shared)
     ws = Workspace(root)
     ws.settings  # fail fast on a malformed svc.yaml
     ws.ensure_runtime_dirs()
@@ -477,17 +629,44 @@ def init_workspace(root: str | Path, config: str = "tiny") -> Workspace:
         (root / DVC_REMOTE_DIR).mkdir(exist_ok=True)
         # A relative url is stored relative to .dvc/config, so the workspace can move.
         ws.run_tool("dvc", "remote", "add", "-d", DVC_REMOTE_NAME, DVC_REMOTE_DIR)
+    if ws.tracking_server and mlflow_uri is None:
+        check_tracking_server(ws.tracking_uri)
     init_mlflow(ws)
     ws.run_tool("git", "add", "-A")
     return ws
 
 
+def check_tracking_server(uri: str, timeout: float = 10.0) -> None:
+    """Fail at once, clearly, when the MLflow tracking server does not answer (MLflow's own client retries for
+    minutes)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            response.read()
+    except (urllib.error.URLError, OSError) as exc:
+        raise WorkspaceError(f"MLflow tracking server {redact_url(uri)} does not answer ({exc}); start it with "
+                             "`mlflow server --backend-store-uri postgresql://... --serve-artifacts "
+                             "--artifacts-destination DIR --host HOST --port PORT`") from None
+
+
 def init_mlflow(ws: Workspace) -> None:
-    """Create the tracking store and the ``svc`` experiment with an absolute artifact location."""
-    if ws.settings.mlflow_tracking_uri:  # a tracking server owns its own artifact location
-        return
+    """Create the tracking store and the ``svc`` experiment: with an absolute artifact location under the
+    workspace for a database store; on a tracking server (``http(s)://``), where the server puts artifacts
+    (proxied through it with ``--serve-artifacts``)."""
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=ws.tracking_uri)
-    if client.get_experiment_by_name(EXPERIMENT_NAME) is None:
-        client.create_experiment(EXPERIMENT_NAME, artifact_location=ws.artifact_root)
+    if client.get_experiment_by_name(EXPERIMENT_NAME) is not None:
+        return
+    try:
+        if ws.tracking_server:  # the server owns the artifact location
+            client.create_experiment(EXPERIMENT_NAME)
+        else:
+            client.create_experiment(EXPERIMENT_NAME, artifact_location=ws.artifact_root)
+    except MlflowException:
+        # A clone of this workspace (another machine) created it first: that is the same experiment.
+        if client.get_experiment_by_name(EXPERIMENT_NAME) is None:
+            raise

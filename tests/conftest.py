@@ -19,6 +19,9 @@ VOICES = PROJECT_ROOT / "examples" / "voices"
 def _isolate_env(monkeypatch, tmp_path):
     # Never let a test touch the developer's own workspace or Dagster home.
     monkeypatch.delenv("SVC_WORKSPACE", raising=False)
+    # nor a shared instance named by the environment (they override every workspace's svc.yaml)
+    monkeypatch.delenv("SVC_DAGSTER_POSTGRES_URL", raising=False)
+    monkeypatch.delenv("SVC_MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "_unused_dagster_home"))
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
 
