@@ -1,8 +1,10 @@
 """Headless materialization: what "materialize unsynced and missing" does in the UI, for the CLI and the demo."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable
 
 import dagster as dg
@@ -14,8 +16,13 @@ from orchestration.singers import plan_singer_sync, register_singer
 
 
 def open_instance(ws: Workspace) -> dg.DagsterInstance:
-    """The workspace's persistent Dagster instance (``<workspace>/.dagster``)."""
+    """The workspace's persistent Dagster instance (``<workspace>/.dagster``; its storage on Postgres where
+    ``svc.yaml`` names one: :mod:`orchestration.shared_instance`)."""
     ws.ensure_runtime_dirs()
+    if ws.dagster_postgres_url:
+        from orchestration.shared_instance import open_postgres
+
+        return open_postgres(ws)
     if (ws.dagster_home / "history" / "runs.db").exists():
         return dg.DagsterInstance.from_config(str(ws.dagster_home))
     # A fresh instance creates its SQLite tables on open: two `svc` commands doing that at once on a new workspace
@@ -109,6 +116,86 @@ class BuildStep:
     run_id: str
 
 
+BUILD_TAGS = {"svc/launched_by": "svc build"}
+
+
+def _materialize_singer(defs: dg.Definitions, instance: dg.DagsterInstance, singer: str,
+                        todo: list[str]) -> tuple[BuildStep | None, str | None]:
+    """One in-process run of ``todo`` for ``singer``: ``(step, None)`` on success, ``(None, reason)`` on failure."""
+    started = time.perf_counter()
+    result = dg.materialize(
+        [*defs.assets, *defs.asset_checks],  # the workspace's code versions (assets.versions) and pools
+        selection=[dg.AssetKey(a) for a in todo],
+        partition_key=singer,
+        instance=instance,
+        resources=defs.resources,
+        tags=BUILD_TAGS,
+        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+        raise_on_error=False,
+    )
+    if result.success:
+        return BuildStep(singer, todo, time.perf_counter() - started, result.run_id), None
+    return None, f"{singer} (run {result.run_id[:8]}): {_failure_reason(result)}"
+
+
+# ---- parallel builds: one worker process per concurrent singer run ----------------------------------------------
+# A worker keeps its instance, Definitions and (through the extractors resource) its models for every singer
+# that it builds, as the one process of a serial build does.
+_WORKER: dict = {}
+
+
+def _worker_init(root: str, threads: int) -> None:
+    # Before torch or CTranslate2 load: N workers share the cores instead of each starting a thread per core.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(threads))
+    _WORKER["root"] = root
+
+
+def _worker_build(singer: str, todo: list[str]) -> tuple[BuildStep | None, str | None]:
+    from orchestration.definitions import build_definitions
+
+    if "instance" not in _WORKER:
+        ws = Workspace(Path(_WORKER["root"]))
+        _WORKER["instance"] = open_instance(ws)
+        _WORKER["defs"] = build_definitions(ws)
+    try:
+        return _materialize_singer(_WORKER["defs"], _WORKER["instance"], singer, todo)
+    except Exception as exc:  # noqa: BLE001 - outside the run (instance, Definitions): report it, build the rest
+        return None, f"{singer}: {type(exc).__name__}: {exc}"
+
+
+def _build_in_parallel(ws: Workspace, plan: list[tuple[str, list[str]]], parallel: int,
+                       log: Callable[[str], None]) -> tuple[list[BuildStep], list[str]]:
+    """``plan``'s singer runs in ``parallel`` worker processes, each run recorded in the workspace's instance."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    steps, failures = [], []
+    # spawn, not fork: a forked child would inherit the parent's open SQLite connections (and CUDA cannot fork).
+    with ProcessPoolExecutor(max_workers=parallel, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_init, initargs=(str(ws.root), threads)) as pool:
+        futures = {}
+        for singer, todo in plan:
+            log(f"materializing {', '.join(f'{a}[{singer}]' for a in todo)}")
+            futures[pool.submit(_worker_build, singer, todo)] = singer
+        for future in as_completed(futures):
+            singer = futures[future]
+            try:
+                step, failure = future.result()
+            except BrokenProcessPool as exc:  # a worker died (killed, out of memory): its runs did not finish
+                step, failure = None, f"{singer}: the worker process died ({exc})"
+            if step:
+                steps.append(step)
+                log(f"built {singer} in {step.seconds:.1f} s (run {step.run_id[:8]})")
+            else:
+                failures.append(failure)
+                log(f"FAILED {failure}")
+    order = [singer for singer, _ in plan]
+    return sorted(steps, key=lambda s: order.index(s.singer)), failures
+
+
 def build(
     ws: Workspace,
     *,
@@ -116,14 +203,25 @@ def build(
     singers: Iterable[str] | None = None,
     instance: dg.DagsterInstance | None = None,
     log: Callable[[str], None] = print,
+    parallel: int = 1,
 ) -> list[BuildStep]:
-    """Materialize the stale or missing partitions of ``assets``, one in-process run per singer.
+    """Materialize the stale or missing partitions of ``assets``, one run per singer.
+
+    ``parallel`` = 1: the runs execute one after another in this process. ``parallel`` > 1: up to that many
+    singers' runs execute at once, each in a worker process of its own (spawned; each loads the extractors once
+    and keeps them for the next singer), on the workspace's instance. Steps in the ``gpu`` concurrency pool
+    (:mod:`orchestration.pools`) still take turns for its slots; every other step runs freely.
 
     The runs are recorded in the workspace's instance, so they show in the Dagster UI's run history.
     """
     from orchestration.definitions import build_definitions
+    from orchestration.pools import ensure_pool_limit
 
+    if parallel < 1:
+        raise ValueError(f"parallel must be 1 or more, not {parallel}")
     instance = instance or open_instance(ws)
+    if parallel > 1 and instance.is_ephemeral:
+        raise ValueError("a parallel build needs the workspace's persistent instance, not an ephemeral one")
     sync_singers(ws, instance)
     defs = build_definitions(ws)
     assets = list(assets)
@@ -133,28 +231,21 @@ def build(
     if unknown:
         raise ValueError(f"unknown singer(s) {unknown}; known: {sorted(known)}")
     statuses = partition_statuses(defs, instance, assets, singers)
-    steps, failures = [], []
-    for singer in singers:
-        todo = [a for a in assets if statuses[(a, singer)] != "fresh"]
-        if not todo:
-            continue
-        log(f"materializing {', '.join(f'{a}[{singer}]' for a in todo)}")
-        started = time.perf_counter()
-        result = dg.materialize(
-            [*defs.assets, *defs.asset_checks],  # the workspace's code versions (assets.versions)
-            selection=[dg.AssetKey(a) for a in todo],
-            partition_key=singer,
-            instance=instance,
-            resources=defs.resources,
-            tags={"svc/launched_by": "svc build"},
-            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
-            raise_on_error=False,
-        )
-        if result.success:
-            steps.append(BuildStep(singer, todo, time.perf_counter() - started, result.run_id))
-        else:
-            failures.append(f"{singer} (run {result.run_id[:8]}): {_failure_reason(result)}")
-            log(f"FAILED {singer}: {failures[-1]}")
+    plan = [(singer, todo) for singer in singers if (todo := [a for a in assets if statuses[(a, singer)] != "fresh"])]
+    if plan:
+        ensure_pool_limit(instance)
+    if len(plan) > 1 and parallel > 1:
+        steps, failures = _build_in_parallel(ws, plan, min(parallel, len(plan)), log)
+    else:
+        steps, failures = [], []
+        for singer, todo in plan:
+            log(f"materializing {', '.join(f'{a}[{singer}]' for a in todo)}")
+            step, failure = _materialize_singer(defs, instance, singer, todo)
+            if step:
+                steps.append(step)
+            else:
+                failures.append(failure)
+                log(f"FAILED {failure}")
     if not steps and not failures:
         log("nothing to do: every selected partition is up to date")
     if failures:
@@ -164,13 +255,14 @@ def build(
 
 def materialize_training(ws: Workspace, *, steps: int | None = None, fine_tune: bool = False, device: str = "auto",
                          instance: dg.DagsterInstance | None = None, extra_assets: Iterable[str] = (),
-                         tags: dict[str, str] | None = None, start_from: str = "auto") -> dict:
+                         tags: dict[str, str] | None = None, start_from: str = "auto", nproc: int = 1) -> dict:
     """Run training_set, svc_checkpoint, evaluation_report (and ``extra_assets``) in one in-process run.
 
     ``start_from``: auto (production, else base, else scratch) | production | base | scratch; ``fine_tune`` is
     the older flag for production (see :func:`assets.pretrained.resolve_start_point`).
 
     ``tags`` are added to the run's tags, so a launcher (the studio) can find its run in the instance.
+    ``nproc`` > 1 trains with that many processes under torchrun (see :mod:`assets.distributed`).
 
     Returns ``{asset: metadata}`` of what materialized; raises :class:`BuildError` with the reason on failure.
     """
@@ -180,7 +272,7 @@ def materialize_training(ws: Workspace, *, steps: int | None = None, fine_tune: 
     sync_singers(ws, instance)
     defs = build_definitions(ws)
     selection = [*TRAINING_ASSETS, *extra_assets]
-    training = {"steps": steps, "start_from": start_from, "fine_tune": fine_tune, "device": device}
+    training = {"steps": steps, "start_from": start_from, "fine_tune": fine_tune, "device": device, "nproc": nproc}
     run_config = {"ops": {"svc_checkpoint": {"config": training}},
                   "loggers": {"console": {"config": {"log_level": "INFO"}}}}
     result = dg.materialize([*defs.assets, *defs.asset_checks], selection=[dg.AssetKey(a) for a in selection],

@@ -48,12 +48,33 @@ def main(ctx: click.Context, workspace_dir: str | None) -> None:
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False), required=False)
 @click.option("--config", default="tiny", show_default=True, help="Config profile (configs/<name>.yaml) or YAML path.")
+@click.option("--postgres", "postgres_url", default=None, metavar="URL",
+              help="Shared Dagster storage: postgresql://USER@HOST:PORT/DB (written to svc.yaml; keep the password in "
+                   "PGPASSWORD or ~/.pgpass). Default: SQLite in .dagster/.")
+@click.option("--mlflow", "mlflow_uri", default=None, metavar="URL",
+              help="Shared MLflow tracking server: http://HOST:PORT (written to svc.yaml). Default: "
+                   "sqlite:///<workspace>/mlflow/mlflow.db.")
 @click.pass_context
-def init(ctx: click.Context, directory: str | None, config: str) -> None:
-    """Create a workspace in DIRECTORY: folders, git + DVC with a local remote, MLflow store, Dagster home."""
+def init(ctx: click.Context, directory: str | None, config: str, postgres_url: str | None,
+         mlflow_uri: str | None) -> None:
+    """Create a workspace in DIRECTORY: folders, git + DVC with a local remote, MLflow store, Dagster home. With
+    --postgres/--mlflow (also on an existing workspace), it uses a shared instance instead."""
+    from assets.workspace import redact_url, url_has_password
+
     target = directory or (ctx.obj or {}).get("workspace_dir") or "."
     try:
-        ws = init_workspace(target, config=config)
+        ws = init_workspace(target, config=config, postgres_url=postgres_url, mlflow_uri=mlflow_uri)
+        if ws.dagster_postgres_url or ws.tracking_server:
+            from orchestration.build import open_instance
+            from orchestration.shared_instance import describe
+
+            if ws.dagster_postgres_url:  # connect now: a wrong URL fails here, not halfway through a build
+                open_instance(ws).dispose()
+            for line in describe(ws):
+                click.echo(line)
+        if url_has_password(postgres_url):
+            click.secho(f"warning: svc.yaml (versioned) now holds the password of {redact_url(postgres_url)}; "
+                        "prefer PGPASSWORD or ~/.pgpass, or $SVC_DAGSTER_POSTGRES_URL", fg="yellow", err=True)
     except WorkspaceError as exc:
         _fail(str(exc))
     click.echo(f"workspace ready: {ws.root}")
@@ -88,9 +109,13 @@ def _add_singer(ws, name, paths, *, append, push, instance) -> None:
 @click.option("--from-scratch", is_flag=True, help="With --train: do not start from the production or base model.")
 @click.option("--steps", type=int, default=None, help="With --train: steps (default: the config's train.steps).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--parallel", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Singers built at once, each in a worker process of its own; 1 = one after another in this "
+                   "process. Steps in the 'gpu' concurrency pool still take turns. Pays off with a GPU or idle "
+                   "cores; on a busy 2-core CPU it is slower (README, Parallel builds).")
 @with_workspace
 def build(ws: Workspace, assets: tuple[str, ...], singers: tuple[str, ...], then_train: bool, from_scratch: bool,
-          steps: int | None, device: str) -> None:
+          steps: int | None, device: str, parallel: int) -> None:
     """Materialize what is stale or missing, like "Materialize unsynced" in the UI; with --train, retrain too."""
     from orchestration.build import asset_status, open_instance
     from orchestration.build import build as run_build
@@ -104,7 +129,7 @@ def build(ws: Workspace, assets: tuple[str, ...], singers: tuple[str, ...], then
     instance = open_instance(ws)
     try:
         steps_done = run_build(ws, assets=assets or PER_SINGER_ASSETS, singers=singers or None, instance=instance,
-                               log=click.echo)
+                               log=click.echo, parallel=parallel)
         training_set = asset_status(build_definitions(ws), instance, "training_set")
     finally:
         instance.dispose()
@@ -196,11 +221,14 @@ def remove_singer_cmd(ws: Workspace, name: str, yes: bool) -> None:
 @click.option("--fine-tune-from", "init_from", type=click.Path(), default=None,
               help="With --local: start from this checkpoint file or model folder (read without unpickling).")
 @click.option("--fresh", is_flag=True, help="With --local: ignore checkpoints already in runs/NAME.")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes on this machine (torchrun + DistributedDataParallel): one per GPU, or gloo on the CPU. "
+                   "Each takes train.batch_size items: the global batch is nproc times that.")
 @click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", hidden=True,
               help="Extra Dagster run tag (repeatable); the studio finds the run it launched by one.")
 @with_workspace
 def train(ws: Workspace, steps, start_from, fine_tune, from_scratch, device, local_name, init_from, fresh,
-          tags) -> None:
+          nproc, tags) -> None:
     """Train: training_set -> svc_checkpoint (one MLflow run, a new registered version) -> evaluation_report,
     as one Dagster run on the workspace's instance; the run and the version are tagged init_from (production:vN,
     base:vN or scratch). Re-run after a kill, the same command resumes from the last good checkpoint of the same
@@ -212,6 +240,8 @@ def train(ws: Workspace, steps, start_from, fine_tune, from_scratch, device, loc
     if fine_tune and start_from != "auto":
         _fail(f"--fine-tune contradicts --start-from {start_from}")
     if local_name:
+        if nproc > 1:
+            _fail("--nproc needs a tracked run (the Dagster asset launches the processes); drop --local")
         from assets.training_set import train_workspace
 
         result, run_dir = train_workspace(ws, name=local_name, steps=steps, init_from=init_from, fresh=fresh,
@@ -223,7 +253,7 @@ def train(ws: Workspace, steps, start_from, fine_tune, from_scratch, device, loc
 
     run_tags = dict(tag.partition("=")[::2] for tag in tags)
     out = materialize_training(ws, steps=steps, fine_tune=fine_tune, start_from=start_from, device=device,
-                               tags=run_tags)
+                               tags=run_tags, nproc=nproc)
     ckpt, report = out["svc_checkpoint"], out["evaluation_report"]
     if ckpt.get("resumed_from_step"):
         click.echo(f"resumed an interrupted run at step {ckpt['resumed_from_step']} ({ckpt['run_folder']})")
@@ -334,13 +364,17 @@ def pretrained_download(ws: Workspace, name: str) -> None:
 @click.option("--rollback", is_flag=True, help="Move production back to the version it replaced.")
 @with_workspace
 def promote(ws: Workspace, version, force, reason, rollback) -> None:
-    """Point the registry alias 'production' at VERSION (default: the 'candidate')."""
+    """Point the registry alias 'production' at VERSION (default: the 'candidate'). The version records who
+    promoted it (``promotion.by``: the operating-system user, as the studio records its signed-in user)."""
+    import getpass
+
     from assets.promotion import PromotionError
-    from assets.promotion import promote as do_promote
     from assets.promotion import rollback as do_rollback
+    from orchestration.service import promote as promote_as
 
     try:
-        done = do_rollback(ws) if rollback else do_promote(ws, version, force=force, reason=reason)
+        done = do_rollback(ws) if rollback else promote_as(ws, version, force=force, reason=reason,
+                                                           user=getpass.getuser())
     except PromotionError as exc:
         _fail(str(exc))
     click.echo(done.message)

@@ -14,11 +14,16 @@ from assets.resources import FeatureExtractorsResource, WorkspaceResource
 from assets.training import svc_checkpoint, training_set
 from assets.workspace import Workspace
 from orchestration.jobs import build_singer_job, promote_job, train_job
+from orchestration.pools import serialize_sqlite_slot_claims
 from orchestration.sensors import singer_sensor
 
 ASSETS = [raw_recordings, singer_roster, clean_audio, pitch, ppg, vec, speaker_embedding, training_set, svc_checkpoint,
           evaluation_report, production_model]
 ASSET_CHECKS = FEATURE_CHECKS
+
+# Every process that loads this code location (the daemon's run workers, `svc build` and its workers) claims
+# "gpu" pool slots one at a time on SQLite storage.
+serialize_sqlite_slot_claims()
 
 # Eager conditions only act while this sensor runs (under `dagster dev` or the daemon).
 automation_sensor = dg.AutomationConditionSensorDefinition(
@@ -30,13 +35,18 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
 
 
 def build_definitions(workspace: Workspace | None = None) -> dg.Definitions:
-    """The workspace's Definitions. Code versions follow its config (``assets.versions``), so materialize through
-    ``defs.assets`` / ``defs.asset_checks``, not the bare ``ASSETS``, or the recorded versions will not match."""
+    """The workspace's Definitions. Code versions follow its config (``assets.versions``), and so do concurrency
+    pools (``orchestration.pools``), so materialize through ``defs.assets`` / ``defs.asset_checks``, not the bare
+    ``ASSETS``, or the recorded versions will not match."""
     from assets.versions import bind_code_versions
+    from orchestration.pools import apply_pools, pooled_assets
 
     ws = workspace or Workspace.discover()
+    cfg = ws.config()
+    # The steps that would run on a GPU take a slot of the "gpu" concurrency pool (orchestration.pools).
+    pooled = pooled_assets(ws.settings.gpu_pool, cfg.features.device)
     return dg.Definitions(
-        assets=bind_code_versions(ASSETS, ws.config()),
+        assets=apply_pools(bind_code_versions(ASSETS, cfg), pooled),
         asset_checks=ASSET_CHECKS,
         sensors=[singer_sensor, automation_sensor],
         jobs=[build_singer_job, train_job, promote_job],

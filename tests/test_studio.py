@@ -209,6 +209,7 @@ def test_train_tab(studio_ws, workspace, caplog):
         "Choose 'Fine-tune from production' or 'From scratch'": ("sideways", 2, "cpu"),
         "Steps must be a whole number of at least 1": (FINE_TUNE, 0, "cpu"),
         "Device must be auto, cpu or cuda": (FINE_TUNE, 2, "tpu"),
+        "Processes must be a whole number of at least 1": (FINE_TUNE, 2, "cpu", 0),
     }.items():
         with pytest.raises(StudioError, match=re.escape(message)):
             studio.launch_training(*args, user="alice")
@@ -353,7 +354,7 @@ def test_auth_guards_the_page_and_the_api(authenticated_studio, workspace):
         assert anonymous.get(url + path).status_code == 401, path
     for path, kwargs in {
         "/gradio_api/call/promote": dict(json={"data": ["1", True, "anonymous"]}),
-        "/gradio_api/call/launch_training": dict(json={"data": [FROM_SCRATCH, 2, "cpu"]}),
+        "/gradio_api/call/launch_training": dict(json={"data": [FROM_SCRATCH, 2, "cpu", 1]}),
         "/gradio_api/queue/join": dict(json={"data": [], "fn_index": 0, "session_hash": "x"}),
         "/gradio_api/upload": dict(files={"files": ("a.wav", secret.read_bytes())}),
     }.items():

@@ -142,6 +142,7 @@ def build_app(studio: Studio):
                 steps = gr.Number(label="Steps", value=ws.config().train.steps, precision=0, minimum=1,
                                   elem_id="steps")
                 device = gr.Dropdown(["auto", "cpu", "cuda"], value="auto", label="Device", elem_id="device")
+                nproc = gr.Number(label="Processes (one per GPU)", value=1, precision=0, minimum=1, elem_id="nproc")
             launch_button = gr.Button("Launch training", variant="primary", elem_id="launch")
             train_message = gr.Markdown(elem_id="train-message")
             train_status = gr.Markdown(elem_id="train-status")
@@ -212,11 +213,12 @@ def build_app(studio: Studio):
         training_outputs = [train_status, train_progress, train_links, loss_plot, promote_group, evaluation, metrics,
                             figures, version_state, timer]
 
-        def launch(mode, steps, device, request: gr.Request):
-            training.launch_training(mode, steps, device, user=user_of(request))
+        def launch(mode, steps, device, processes, request: gr.Request):
+            training.launch_training(mode, steps, device, processes, user=user_of(request))
             return "", *show_training()
 
-        on(launch_button.click, launch, [mode, steps, device], [train_message, *training_outputs], train_message,
+        on(launch_button.click, launch, [mode, steps, device, nproc], [train_message, *training_outputs],
+           train_message,
            api_name="launch_training")
         on(timer.tick, show_training, None, training_outputs, train_status)
 

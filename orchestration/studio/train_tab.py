@@ -72,10 +72,11 @@ class TrainTab:
         self.tensorboard_url = tensorboard_url
         self._launch: TrainingLaunch | None = None
 
-    def launch_training(self, mode: str = FINE_TUNE, steps: float | None = None, device: str = "auto", *,
-                        user: str) -> str:
+    def launch_training(self, mode: str = FINE_TUNE, steps: float | None = None, device: str = "auto",
+                        nproc: float = 1, *, user: str) -> str:
         """Start ``svc train`` (one Dagster run on the workspace's instance) in a process of its own, on behalf of
-        ``user``. Returns the launch token, the value of the run's ``svc/studio_launch`` tag."""
+        ``user``; ``nproc`` > 1 trains with that many processes (``svc train --nproc``). Returns the launch token,
+        the value of the run's ``svc/studio_launch`` tag."""
         from assets import tracking
         from orchestration.status import workspace_status
 
@@ -87,6 +88,8 @@ class TrainTab:
             raise StudioError(f"Steps must be a whole number of at least 1, got {steps!r}.")
         if device not in ("auto", "cpu", "cuda"):
             raise StudioError(f"Device must be auto, cpu or cuda, got {device!r}.")
+        if nproc is None or nproc != int(nproc) or int(nproc) < 1:
+            raise StudioError(f"Processes must be a whole number of at least 1, got {nproc!r}.")
         st = workspace_status(self.ws)
         if not st.singers:
             raise StudioError("No singers yet: add one in the Singers tab first.")
@@ -99,7 +102,7 @@ class TrainTab:
         token = uuid.uuid4().hex
         # `svc train` alone starts from production, else base, else scratch: from scratch must be asked for.
         args = (["--device", device, "--fine-tune" if mode == FINE_TUNE else "--from-scratch"]
-                + (["--steps", str(int(steps))] if steps else []))
+                + (["--steps", str(int(steps))] if steps else []) + (["--nproc", str(int(nproc))] if nproc > 1 else []))
         log_path = self.ws.root / "logs" / f"studio-train-{token[:8]}.log"
         process = service.start_training(self.ws, args, log_path, user=user, tags={STUDIO_RUN_TAG: token})
         self._launch = TrainingLaunch(token, process, log_path)
