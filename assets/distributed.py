@@ -78,7 +78,9 @@ def launch(*, nproc: int, cfg, manifest, run_dir: Path, device: str, init_from: 
                "--max-restarts=0", "--monitor-interval=0.5", "-m", "assets.distributed", str(spec_path)]
     log(f"starting {nproc} training processes: {' '.join(command[1:])}")
     tail: deque[str] = deque(maxlen=60)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # The cores shared out among the ranks (torchrun would give each one thread), unless the caller chose.
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads}
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                           start_new_session=True) as process:
         try:
