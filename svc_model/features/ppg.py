@@ -261,9 +261,11 @@ class WhisperPPG(PPGExtractor):
 
 class CTranslate2PPG(PPGExtractor):
     """A faster-whisper (CTranslate2) model's encoder; int8 on the CPU. Pieces run one at a time: the
-    encoder has no padding mask, and CTranslate2 already spreads one piece over all cores."""
+    encoder has no padding mask, and CTranslate2 already spreads one piece over all cores (``intra_threads``:
+    its OpenMP threads; 0, the default, lets CTranslate2 choose)."""
 
-    def __init__(self, model: str = "bundled", compute_type: str = "int8", root: Path | None = None, **kwargs):
+    def __init__(self, model: str = "bundled", compute_type: str = "int8", root: Path | None = None,
+                 intra_threads: int = 0, **kwargs):
         super().__init__(**kwargs)
         import ctranslate2
 
@@ -283,7 +285,8 @@ class CTranslate2PPG(PPGExtractor):
                 f"machine, or use ppg.model: bundled")
         device = "cuda" if self.device.type == "cuda" else "cpu"
         self.compute_type = "float16" if self.fp16 else compute_type
-        self.model = ctranslate2.models.Whisper(str(path), device=device, compute_type=self.compute_type)
+        self.model = ctranslate2.models.Whisper(str(path), device=device, compute_type=self.compute_type,
+                                                intra_threads=intra_threads)
         self.n_mels = self.model.n_mels
 
     @property
