@@ -52,7 +52,7 @@ def launch(*, nproc: int, cfg, manifest, run_dir: Path, device: str, init_from: 
     """Train ``cfg`` on ``manifest`` (absolute feature paths) in ``run_dir`` with ``nproc`` processes on this
     node, up to ``target_steps``; rank 0 logs to the MLflow run ``run_id`` when given. Output lines go to ``log``.
     Raises :class:`DistributedTrainingFailed` naming the failed rank."""
-    from svc_model.storage import atomic_write_text
+    from svc_model.storage import atomic_path, atomic_write_text
 
     if nproc < 1:
         raise ValueError(f"nproc must be at least 1, got {nproc}")
@@ -64,9 +64,8 @@ def launch(*, nproc: int, cfg, manifest, run_dir: Path, device: str, init_from: 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = run_dir / MANIFEST_FILE
-    tmp = manifest_path.with_suffix(".tmp.parquet")
-    manifest.to_parquet(tmp, index=False)
-    os.replace(tmp, manifest_path)
+    with atomic_path(manifest_path) as tmp:
+        manifest.to_parquet(tmp, index=False)
     (run_dir / RESULT_FILE).unlink(missing_ok=True)  # never read a previous attempt's result
     spec = {"config": cfg.model_dump(mode="json"), "manifest": str(manifest_path), "run_dir": str(run_dir),
             "device": device, "init_from": str(init_from) if init_from else None, "target_steps": int(target_steps),
