@@ -61,16 +61,18 @@ def build_features(cfg, work: Path, log=print):
     return manifest[manifest["singer"] != SOURCE_VOICE], manifest[manifest["singer"] == SOURCE_VOICE], extractors
 
 
-def measure(converter, source_rows, extractors, max_clips: int) -> dict[str, float]:
+def measure(converter, source_rows, extractors, max_clips: int, transcriber=None) -> dict[str, float]:
     from svc_model.audio import read_wav, resample
-    from svc_model.evaluate import f0_metrics
+    from svc_model.evaluate import Transcriber, character_error_rate, f0_metrics
     from svc_model.features.speaker import mean_embedding
 
     sr = converter.cfg.audio.sample_rate
     source_mean = mean_embedding(np.stack([np.load(p) for p in source_rows["speaker"]]))
+    transcriber = transcriber or Transcriber()
     records = []
     for row in source_rows.head(max_clips).itertuples():
         audio, _ = read_wav(row.audio)
+        said = transcriber(resample(audio, sr, 16000))
         for target in sorted(converter.singers):
             result = converter.convert(audio, target, "auto", source_sr=sr, deterministic=True)
             out16 = resample(result.audio, sr, 16000)
@@ -85,8 +87,10 @@ def measure(converter, source_rows, extractors, max_clips: int) -> dict[str, flo
             target_mean = converter.singers[target].embedding
             record["target_similarity"] = float(np.dot(embedding, target_mean))
             record["source_similarity"] = float(np.dot(embedding, source_mean))
+            record["content_cer"] = character_error_rate(said, transcriber(out16))
             records.append(record)
-    keys = ("f0_corr", "f0_corr_pyin", "f0_rmse_cents", "vuv_error", "target_similarity", "source_similarity")
+    keys = ("f0_corr", "f0_corr_pyin", "f0_rmse_cents", "vuv_error", "target_similarity", "source_similarity",
+            "content_cer")
     return {k: float(np.nanmean([r[k] for r in records])) for k in keys} | {"pairs": len(records)}
 
 

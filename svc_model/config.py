@@ -170,6 +170,14 @@ class ModelConfig(_Strict):
     source_init_gain: float = Field(10.0, gt=0, description="from scratch: the NSF source convolutions start this "
                                     "many times PyTorch's default (the anchor: 1); at 1 a short training learns a "
                                     "frame-rate buzz before it learns to follow the source")
+    phase_balanced_upsampling: bool = Field(False, description="constrain each upsampling layer so that a "
+                                            "constant latent cannot make a frame-rate tone (off: the anchor's "
+                                            "layers as they are, so that its weights give its outputs)")
+    anti_aliased_source: bool = Field(False, description="low-pass the harmonic source before each upsampling "
+                                      "stage takes it, below half that stage's Nyquist, so no stage folds or "
+                                      "mirrors the note (off: the anchor's injection as it is)")
+    latent_noise: float = Field(1.0, ge=0, description="std of the Gaussian noise added to the decoder's latent in "
+                                "training (the anchor's perturbation: 1)")
     ppg_noise: float = Field(1.0, ge=0, description="std of the Gaussian noise added to the PPG in training")
     vec_noise: float = Field(2.0, ge=0, description="std of the Gaussian noise added to vec in training")
     mpd_periods: list[int] = [2, 3, 5, 7, 11]
@@ -230,6 +238,8 @@ class TrainConfig(_Strict):
     segment_size: int = Field(8000, gt=0, description="samples at the model rate that the decoder generates")
     max_frames: int = Field(400, gt=0, description="frames (10 ms) per loaded window that the encoders see")
     steps: int = Field(100000, gt=0)
+    kl_warmup_steps: int = Field(0, ge=0, description="from scratch: the KL weights ramp linearly from 0 over this "
+                                 "many steps (0 = the anchor's constant weights); fine-tuning never ramps")
     grad_clip: float = Field(100.0, gt=0, description="max gradient norm, generator and discriminator")
     fp16: bool = Field(True, description="mixed precision on CUDA: bf16 where supported, else fp16 with a "
                        "gradient scaler (ignored on the CPU)")

