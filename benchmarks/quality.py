@@ -11,7 +11,9 @@ the three singers with ``pitch_shift="auto"`` in deterministic mode. Per budget 
 - f0 correlation and RMSE in cents between the f0 fed to the decoder and the f0 of the output as FCPE hears it
   (the evaluation's metric), and the correlation as librosa's pYIN hears it (an independent estimator);
 - V/UV error (frames whose voicing differs);
-- resemblyzer cosine similarity of the output to the target singer's mean embedding and to the source voice's.
+- resemblyzer cosine similarity of the output to the target singer's mean embedding and to the source voice's;
+- content: the character error rate between Whisper tiny.en's transcripts of the source clip and of the output
+  (``svc_model.evaluate.Transcriber``): a model that sings the pitch but drops the words scores near 1.
 
 Figures land in ``<work>/quality.json``. Nothing here is a test: it measures.
 """
@@ -63,7 +65,7 @@ def build_features(cfg, work: Path, log=print):
 
 def measure(converter, source_rows, extractors, max_clips: int, transcriber=None) -> dict[str, float]:
     from svc_model.audio import read_wav, resample
-    from svc_model.evaluate import Transcriber, character_error_rate, f0_metrics
+    from svc_model.evaluate import Transcriber, character_error_rate, f0_metrics, pitch_following
     from svc_model.features.speaker import mean_embedding
 
     sr = converter.cfg.audio.sample_rate
@@ -78,11 +80,7 @@ def measure(converter, source_rows, extractors, max_clips: int, transcriber=None
             out16 = resample(result.audio, sr, 16000)
             reference = np.stack([result.output_f0, (result.output_f0 > 0).astype(np.float32)], axis=1)
             record = f0_metrics(reference, extractors["pitch"].extract(out16))
-            heard = independent_f0(result.audio, sr)
-            n = min(len(heard), len(result.output_f0))
-            both = (heard[:n] > 0) & (result.output_f0[:n] > 0)
-            record["f0_corr_pyin"] = (float(np.corrcoef(heard[:n][both], result.output_f0[:n][both])[0, 1])
-                                      if both.sum() > 2 else float("nan"))
+            record["f0_corr_pyin"] = pitch_following(result.output_f0, result.audio, sr)
             embedding = extractors["speaker_embedding"].extract(out16)
             target_mean = converter.singers[target].embedding
             record["target_similarity"] = float(np.dot(embedding, target_mean))
@@ -92,18 +90,6 @@ def measure(converter, source_rows, extractors, max_clips: int, transcriber=None
     keys = ("f0_corr", "f0_corr_pyin", "f0_rmse_cents", "vuv_error", "target_similarity", "source_similarity",
             "content_cer")
     return {k: float(np.nanmean([r[k] for r in records])) for k in keys} | {"pairs": len(records)}
-
-
-def independent_f0(audio: np.ndarray, sr: int) -> np.ndarray:
-    """pYIN after a 60-1500 Hz band-pass (the same estimator the tests use); 0 = unvoiced."""
-    import librosa
-    import scipy.signal
-
-    b, a = scipy.signal.butter(4, [60, 1500], btype="band", fs=sr)
-    x = scipy.signal.filtfilt(b, a, np.asarray(audio, np.float64))
-    f0, voiced, _ = librosa.pyin(x / max(1e-9, float(np.abs(x).max())), fmin=50, fmax=1000, sr=sr,
-                                 frame_length=2048, hop_length=320)
-    return np.where(voiced, np.nan_to_num(f0), 0.0)
 
 
 def main() -> None:
@@ -136,13 +122,13 @@ def main() -> None:
         results_path.write_text(json.dumps(results, indent=1))
         print(json.dumps({budget: results[str(budget)]}), flush=True)
     print("\n| steps | f0 corr (FCPE) | f0 corr (pYIN) | f0 RMSE (cents) | V/UV error | sim. to target | "
-          "sim. to source | pairs |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "sim. to source | content CER | pairs |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for budget in sorted(args.budgets):
         r = results[str(budget)]
         print(f"| {budget} | {r['f0_corr']:.3f} | {r['f0_corr_pyin']:.3f} | {r['f0_rmse_cents']:.0f} | "
               f"{r['vuv_error']:.3f} | {r['target_similarity']:.3f} | {r['source_similarity']:.3f} | "
-              f"{r['pairs']} |")
+              f"{r.get('content_cer', float('nan')):.2f} | {r['pairs']} |")
 
 
 if __name__ == "__main__":

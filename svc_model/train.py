@@ -490,7 +490,8 @@ class Trainer:
     # ---- validation ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self, max_items: int = 4) -> tuple[dict[str, float], list[dict]]:
-        """Reconstruct held-out segments through the prior (as conversion does, same speaker): mel L1 and audio."""
+        """Reconstruct held-out segments through the prior (as conversion does, same speaker): mel L1, how well
+        the output's pitch (pYIN) follows the f0 it was given, and the audio."""
         rows = self.valid_rows if not self.valid_rows.empty else self.train_rows
         dataset = SegmentDataset(rows.head(max_items), self.cfg.spectrogram.hop, max_frames=1500,
                                  use_vec=self.cfg.model.vec_dim > 0)
@@ -501,7 +502,9 @@ class Trainer:
             return self._validate(dataset, rows)
 
     def _validate(self, dataset, rows) -> tuple[dict[str, float], list[dict]]:
-        mels, samples = [], []
+        from svc_model.evaluate import pitch_following
+
+        mels, follows, samples = [], [], []
         for i in range(len(dataset)):
             item = dataset.load(i)
             batch = self._to_device(collate([item]))
@@ -509,10 +512,16 @@ class Trainer:
             n = min(len(audio), batch["audio"].shape[1])
             mel_hat, mel_ref = self.mel(audio[None, :n]), self.mel(batch["audio"][:, :n])
             mels.append(float(mel_loss(mel_hat, mel_ref)))
+            # Does the output sing the f0 it was given? A decoder drifting into a frame-rate buzz shows here
+            # (as 100 Hz) long before anyone listens.
+            follows.append(pitch_following(batch["f0"][0].float().cpu().numpy(), audio.float().cpu().numpy(),
+                                           self.cfg.audio.sample_rate, self.cfg.spectrogram.hop))
             samples.append({"segment_id": rows.iloc[i]["segment_id"], "audio": audio[:n].float().cpu().numpy(),
                             "reference": batch["audio"][0, :n].cpu().numpy(),
                             "mel": mel_hat[0].float().cpu().numpy(), "mel_reference": mel_ref[0].cpu().numpy()})
-        return {"valid_mel": float(np.mean(mels)) if mels else float("nan")}, samples
+        followed = [f for f in follows if not np.isnan(f)]
+        return {"valid_mel": float(np.mean(mels)) if mels else float("nan"),
+                "valid_f0_corr": float(np.mean(followed)) if followed else float("nan")}, samples
 
     def _log_validation(self, metrics: dict, samples: list[dict]) -> None:
         if self.writer is not None:

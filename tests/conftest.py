@@ -11,6 +11,7 @@ import pytest
 import soundfile as sf
 
 from assets.workspace import PROJECT_ROOT, Workspace, init_workspace
+from svc_model.evaluate import heard_f0 as measured_f0  # noqa: F401  (the tests import it from here)
 
 VOICES = PROJECT_ROOT / "examples" / "voices"
 
@@ -61,19 +62,6 @@ def tone(seconds: float, sr: int, f0: float = 220.0, amp: float = 0.3, channels:
     x = amp * np.sin(2 * np.pi * f0 * t) * (1 + 0.3 * np.sin(2 * np.pi * 3 * t))
     x = x.astype(np.float32)
     return np.stack([x] * channels, axis=1) if channels > 1 else x
-
-
-def measured_f0(audio: np.ndarray, sr: int, hop: int = 320) -> np.ndarray:
-    """The pitch of ``audio`` as an independent estimator hears it (librosa's pYIN, not the pipeline's FCPE or
-    CREPE), after a 60-1500 Hz band-pass that removes DC and the decoder's high-frequency hash; 0 = unvoiced."""
-    import librosa
-    import scipy.signal
-
-    b, a = scipy.signal.butter(4, [60, 1500], btype="band", fs=sr)
-    x = scipy.signal.filtfilt(b, a, np.asarray(audio, np.float64))
-    x = x / max(1e-9, float(np.abs(x).max()))
-    f0, voiced, _ = librosa.pyin(x, fmin=50, fmax=1000, sr=sr, frame_length=2048, hop_length=hop)
-    return np.where(voiced, np.nan_to_num(f0), 0.0)
 
 
 def write(path: Path, audio: np.ndarray, sr: int, **kwargs) -> Path:

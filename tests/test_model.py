@@ -94,8 +94,8 @@ def test_model_output_length_is_frames_times_hop(profile):
 
 def test_deterministic_inference_repeats_exactly():
     # Fails if inference draws random numbers (prior noise, source phase or noise). The speaker's audible effect
-    # is tested on a trained model (test_train_convert): at initialization the decoder's latent path is
-    # attenuated by design (upsampler weights std 0.01), so the output is mostly the filtered source.
+    # is tested on a trained model (test_train_convert): at initialization the speaker adapter is the identity
+    # (its scale and shift start at 1 and 0 for every embedding), so only the flow carries the speaker.
     model = SVCModel(M, 513).eval()
     x = _inputs()
     ppg, f0 = x["ppg"][:1], x["f0"][:1]
@@ -299,3 +299,21 @@ def test_the_anti_aliased_source_gives_each_stage_only_what_its_rate_can_carry()
     assert level(0, 80.0) > 0.9 and level(0, 200.0) < 0.01
     assert level(1, 200.0) > 0.9 and level(1, 800.0) < 0.01
     assert isinstance(dec.source_filters[3], torch.nn.Identity)  # the last stage runs at the sample rate
+
+
+def test_pitch_following_tells_a_sung_glide_from_a_frame_rate_buzz():
+    # The validation metric the trainer logs (valid_f0_corr). Fails if it reads the given f0 back instead of the
+    # audio, or if a buzz at the frame rate scores like the glide it should have sung.
+    import numpy as np
+
+    from svc_model.evaluate import pitch_following
+
+    sr, hop, frames = 32000, 320, 200
+    given = np.linspace(150.0, 300.0, frames)
+    phase = 2 * np.pi * np.cumsum(np.repeat(given, hop)) / sr
+    sung = (0.5 * np.sin(phase) + 0.2 * np.sin(2 * phase)).astype(np.float32)
+    buzz = np.zeros(frames * hop, np.float32)
+    buzz[::hop] = 1.0  # one pulse per frame: 100 Hz
+    assert pitch_following(given, sung, sr, hop) > 0.95
+    follows = pitch_following(given, buzz, sr, hop)
+    assert np.isnan(follows) or follows < 0.5

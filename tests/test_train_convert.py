@@ -44,7 +44,8 @@ def test_training_logs_every_loss_and_writes_tensorboard_and_a_checkpoint(traine
 
     events = EventAccumulator(str(out / "tensorboard"), size_guidance={"audio": 0, "images": 0}).Reload()
     tags = events.Tags()
-    assert {"train/mel", "train/speaker", "train/kl_forward", "train/lr", "valid/valid_mel"} <= set(tags["scalars"])
+    assert {"train/mel", "train/speaker", "train/kl_forward", "train/lr", "valid/valid_mel",
+            "valid/valid_f0_corr"} <= set(tags["scalars"])
     assert len(events.Scalars("train/mel")) == 30
     assert any(t.startswith("valid/0/generated") for t in tags["audio"])
     assert any(t.startswith("valid/0/mel") for t in tags["images"])
@@ -308,3 +309,20 @@ def test_the_learning_rate_decays_per_epoch_and_fine_tuning_starts_lower(trained
     assert scratch.learning_rate(first_of_tenth) == pytest.approx(t.learning_rate * t.lr_decay ** 10)
     fine = _trainer(tiny_manifest, tmp_path / "fine", init_from=trained[1].checkpoint)
     assert fine.learning_rate(0) == t.fine_tune_learning_rate < t.learning_rate
+
+
+def test_the_kl_weights_ramp_up_from_scratch_and_never_when_fine_tuning(trained, tiny_manifest, tmp_path):
+    # Fails if the ramp is not in the loss the generator minimizes (the logged total is that loss), if it does
+    # not reach the full weights, or if a fine-tuning run ramps too (its latent is already read by its decoder).
+    _, result = trained
+    trainer = _trainer(tiny_manifest, tmp_path / "scratch", cfg=_cfg(kl_warmup_steps=4))
+    assert [trainer.kl_scale() for trainer.step in (0, 1, 3, 10)] == [0.25, 0.5, 1.0, 1.0]
+    trainer.step = 0
+    step = trainer.fit(steps=1).history[-1]
+    w = trainer.cfg.train.loss_weights
+    rest = (w.mel * step["mel"] + w.stft * step["stft"] + w.adversarial * step["adversarial"]
+            + w.feature_matching * step["feature_matching"] + w.speaker * step["speaker"])
+    kl = w.kl_forward * step["kl_forward"] + w.kl_reverse * step["kl_reverse"]
+    assert step["generator_total"] - rest == pytest.approx(0.25 * kl, rel=1e-3, abs=1e-3)
+    fine = _trainer(tiny_manifest, tmp_path / "fine", cfg=_cfg(kl_warmup_steps=4), init_from=result.checkpoint)
+    assert fine.kl_scale() == 1.0

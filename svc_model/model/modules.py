@@ -70,6 +70,9 @@ def random_slice_starts(lengths: torch.Tensor, size: int, generator: torch.Gener
 
 
 def init_weights(module: nn.Module, std: float = 0.01) -> None:
+    """HiFi-GAN's N(0, std) start. On a weight-normed layer (every layer it is applied to here, as in the anchor)
+    it writes to a computed weight and changes nothing: those layers keep PyTorch's default start, as the
+    anchor's do (its old-style weight norm recomputes the weight before each forward)."""
     if isinstance(module, (nn.Conv1d, nn.ConvTranspose1d)):
         module.weight.data.normal_(0.0, std)
 
