@@ -171,8 +171,11 @@ def use_config(root: Path, text: str = LENIENT, name: str = "lenient.yaml") -> N
 def random_tiny_converter(names=("alto", "bass"), speaker_sensitive: bool = False):
     """A converter over the tiny profile's model with RANDOM weights (seed 0) and random unit embeddings: for tests
     of the transport around the model (streaming, live). At initialization the output pitch follows the NSF
-    source, so pitch agreement is measurable without training. ``speaker_sensitive``: give the decoder's speaker
-    adapter (the identity at initialization) random weights, so that the embedding changes the output."""
+    source, so pitch agreement is measurable without training: the source convolutions start 10x louder
+    (``source_init_gain``; the tiny profile trains from 1), so that a sustained note comes out as a steady periodic
+    tone whose block joins can be inspected. ``speaker_sensitive``: give the decoder's speaker adapter (the
+    identity at initialization) random weights, so that the embedding changes the output (its scale as well as
+    its shift: with phase-balanced upsampling a constant shift alone barely reaches the audio)."""
     import torch
 
     from svc_model.config import load_config
@@ -181,6 +184,7 @@ def random_tiny_converter(names=("alto", "bass"), speaker_sensitive: bool = Fals
 
     torch.manual_seed(0)
     cfg = load_config("tiny")
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"source_init_gain": 10.0})})
     model = SVCModel(cfg.model, cfg.spectrogram.n_fft // 2 + 1, cfg.audio.sample_rate).eval()
     rng = np.random.RandomState(0)
     singers = {}
@@ -190,6 +194,7 @@ def random_tiny_converter(names=("alto", "bass"), speaker_sensitive: bool = Fals
     if speaker_sensitive:
         with torch.no_grad():
             model.decoder.adapter.W_bias.weight.normal_(0, 0.5)
+            model.decoder.adapter.W_scale.weight.normal_(0, 0.5)
     return Converter(model, cfg, singers)
 
 

@@ -131,8 +131,11 @@ def test_a_target_swap_takes_effect_at_the_next_block(converter):
         b.append(swapped.process(x[i : i + block]))
     for k in range(3):
         np.testing.assert_array_equal(a[k], b[k])
+    # The same singer repeats bit for bit (blocks 0-2 above), so any change is the swap's; 1e-3 is far above float
+    # rounding. (Random weights: the source dominates this model's output, and the speaker moves it by about
+    # 0.2% RMS, 3.6e-3 at the peak.)
     later = float(np.abs(a[4] - b[4]).max())
-    assert later > 0.01, f"the swap to another singer changed block 4 by only {later}"
+    assert later > 1e-3, f"the swap to another singer changed block 4 by only {later}"
 
 
 def test_input_at_another_sample_rate(converter):
