@@ -241,9 +241,12 @@ class Converter:
                 continue
             f0 = f0_all[lo // hop : lo // hop + frames]
             f0 = np.pad(f0, (0, frames - len(f0)))
-            source = source_all[..., lo : lo + frames * hop]
-            if source.shape[-1] < frames * hop:
-                source = torch.nn.functional.pad(source, (0, frames * hop - source.shape[-1]))
+            # source_all starts source_context frames before the track: this slice carries the filters'
+            # context on each side, so the piece's edges are filtered as inside the track
+            n_source = (frames + 2 * self.model.decoder.source_context) * hop
+            source = source_all[..., lo : lo + n_source]
+            if source.shape[-1] < n_source:
+                source = torch.nn.functional.pad(source, (0, n_source - source.shape[-1]))
             ppg = fit_frames(np.repeat(self.extractor("ppg").extract(piece16), 2, axis=0), frames)
             vec = None
             if use_vec:

@@ -331,10 +331,18 @@ class StreamingConverter:
             vec = torch.from_numpy(vec.T.copy())[None].float().to(device)
         decode_from = frames - self.n_decode
         f0 = torch.from_numpy(self._f0.copy())[None].to(device)
+        # The source filters' context: the window's real f0 before the decoded frames; after them the input has
+        # not arrived yet, so the last note is held (the next block recomputes those frames with what came).
+        c = conv.model.decoder.source_context
+        first = decode_from - c if decode_from >= c else decode_from
+        f0_source = f0[:, first:]
+        if first != decode_from:
+            f0_source = torch.nn.functional.pad(f0_source[:, None], (0, c), mode="replicate")[:, 0]
         with torch.no_grad():
-            source = conv.model.decoder.source(f0[:, decode_from:], deterministic=self.deterministic,
+            source = conv.model.decoder.source(f0_source, deterministic=self.deterministic,
                                                generator=self.generator,
-                                               start_phase=self._phase[decode_from][None].to(device))
+                                               start_phase=self._phase[first][None].to(device),
+                                               hold_edges=first == decode_from)
             y = conv.model.infer(torch.from_numpy(ppg.T.copy())[None].float().to(device), vec, f0, self._speaker,
                                  source=source, generator=self.generator, decode_from=decode_from)
         y = y[0, 0].float().cpu().numpy()

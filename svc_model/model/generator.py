@@ -7,6 +7,7 @@ between anti-aliasing (Kaiser-windowed sinc) filters, which keeps the periodic n
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -246,6 +247,7 @@ class Generator(nn.Module):
         self.m_source = HarmonicSource(sample_rate)
         self.noise_convs, self.ups, self.resblocks = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         self.source_filters = nn.ModuleList()
+        self.source_strides: list[int] = []  # samples of the excitation per sample of each stage
         for i, (rate, kernel) in enumerate(zip(upsample_rates, upsample_kernel_sizes)):
             c_in, c_out = upsample_initial_channel // 2 ** i, upsample_initial_channel // 2 ** (i + 1)
             self.ups.append(weight_norm(nn.ConvTranspose1d(c_in, c_out, kernel, rate, padding=(kernel - rate) // 2)))
@@ -253,6 +255,7 @@ class Generator(nn.Module):
                 torch.nn.utils.parametrize.register_parametrization(self.ups[-1], "weight",
                                                                     PhaseBalance(rate, kernel))
             stride = math.prod(upsample_rates[i + 1 :])
+            self.source_strides.append(stride)
             if stride > 1:  # bring the sample-rate excitation down to this stage's rate
                 self.noise_convs.append(nn.Conv1d(1, c_out, 2 * stride, stride=stride, padding=stride // 2))
             else:
@@ -268,6 +271,12 @@ class Generator(nn.Module):
                 self.resblocks.append(AMPBlock(c_out, k, tuple(d)))
         self.activation_post = AntiAliasedSnake(c_out)
         self.conv_post = nn.Conv1d(c_out, 1, 7, padding=3, bias=False)
+        # Frames of excitation the source filters need beyond the decoded frames on each side: with them, a slice
+        # (a file-conversion piece, a streaming block, a training crop) is filtered at its edges as it would be
+        # inside a whole track, not against a replicate-padded sample (a step that the filter turns into a thump
+        # and a pitch error at every join). The anchor's layout has no filters: 0, and nothing changes.
+        reach = max((f.pad_right for f in self.source_filters if isinstance(f, LowPass)), default=0)
+        self.source_context = math.ceil(reach / self.hop)
         self.ups.apply(init_weights)
         # From scratch, a larger start for the source convolutions makes the harmonic source outweigh the
         # frame-rate latent; with PyTorch's default a short training finds a 100 Hz (frame-rate) buzz first and
@@ -278,27 +287,56 @@ class Generator(nn.Module):
 
     def source(self, f0: torch.Tensor, deterministic: bool = False,
                generator: torch.Generator | None = None, start_phase: torch.Tensor | None = None,
-               noise=None) -> torch.Tensor:
-        """Frame-rate f0 ``(B, T)`` -> the excitation ``(B, 1, T * hop)``. Conversion builds it once per track
-        and slices it per chunk, so the sine phase runs on across chunk boundaries; streaming passes the phase
-        carried from the previous block as ``start_phase``."""
+               noise=None, hold_edges: bool = True) -> torch.Tensor:
+        """Frame-rate f0 ``(B, T)`` -> the excitation ``(B, 1, (T + 2 * source_context) * hop)``: what
+        :meth:`forward` takes for ``T`` frames. Conversion builds it once per track and slices it per piece, so
+        the sine phase runs on across the cuts; streaming passes the phase carried from the previous block as
+        ``start_phase`` (at ``f0``'s first frame).
+
+        ``hold_edges``: the first and last frames' notes are held for ``source_context`` frames beyond the ends
+        (a track's edges). Give False when ``f0`` already has those frames on each side (a slice of a longer f0):
+        the result is then ``T * hop`` long."""
+        c = self.source_context if hold_edges else 0
+        if c:
+            if start_phase is not None:  # the phases given are at f0's first frame; the held note starts earlier
+                k = torch.arange(1, N_HARMONICS + 2, device=f0.device, dtype=torch.float64)
+                per_sample = (f0[:, :1].double() * k / self.m_source.sample_rate) % 1.0
+                start_phase = (start_phase.double() - per_sample * (c * self.hop)) % 1.0
+            f0 = F.pad(f0[:, None], (c, c), mode="replicate")[:, 0]
         return self.m_source(torch.repeat_interleave(f0, self.hop, dim=1), deterministic, generator, start_phase,
                              noise)
 
+    def excitations(self, source: torch.Tensor, frames: int) -> Iterator[torch.Tensor]:
+        """What each upsampling stage adds for ``frames`` decoded frames, stage by stage (lazily: one stage's
+        tensor at a time): the source (with its context, see :meth:`source`) filtered for the stage's rate and
+        brought to it by the stage's convolution, context dropped."""
+        c = self.source_context
+        for stride, noise_conv, source_filter in zip(self.source_strides, self.noise_convs, self.source_filters):
+            excitation = noise_conv(source_filter(source))
+            if c:  # the context was there for the filter; the stage gets the decoded frames only
+                skip = c * self.hop // stride
+                excitation = excitation[..., skip : skip + frames * self.hop // stride]
+            yield excitation
+
     def forward(self, z: torch.Tensor, speaker: torch.Tensor, f0: torch.Tensor | None = None,
                 source: torch.Tensor | None = None, noise=None) -> torch.Tensor:
-        """``z`` (B, C, T), raw ``speaker`` (B, spk_dim), and ``f0`` (B, T) Hz or a prebuilt ``source``
-        (B, 1, T*hop) -> audio (B, 1, T*hop) in [-1, 1]. Training adds unit noise to ``z`` (the anchor's
-        perturbation, which makes the decoder robust to the prior's imperfect latents)."""
+        """``z`` (B, C, T), raw ``speaker`` (B, spk_dim), and ``f0`` Hz or a prebuilt ``source`` -> audio
+        (B, 1, T*hop) in [-1, 1]. ``f0`` is (B, T), or (B, T + 2 * source_context) with the frames around the
+        decoded ones; ``source`` is (B, 1, (T + 2 * source_context) * hop) (:meth:`source`). With
+        ``latent_noise``, training adds that much unit noise to ``z`` (the anchor's perturbation: 1)."""
+        c, frames = self.source_context, z.shape[-1]
         if source is None:
-            source = self.source(f0, deterministic=not self.training, noise=noise)
+            with_context = f0.shape[-1] == frames + 2 * c and c > 0
+            source = self.source(f0, deterministic=not self.training, noise=noise, hold_edges=not with_context)
+        if source.shape[-1] != (frames + 2 * c) * self.hop:
+            raise ValueError(f"the source has {source.shape[-1]} samples; {frames} frames need "
+                             f"{(frames + 2 * c) * self.hop} ({c} frames of context on each side, hop {self.hop})")
         if self.training and self.latent_noise:
             z = z + (noise.randn_like(z) if noise is not None else torch.randn_like(z)) * self.latent_noise
         x = self.conv_pre(self.adapter(z, speaker))
         x = x * torch.tanh(F.softplus(x))  # mish
-        for i, (up, noise_conv, source_filter) in enumerate(zip(self.ups, self.noise_convs, self.source_filters)):
-            x = up(x)
-            x = x + noise_conv(source_filter(source))
+        for i, (up, excitation) in enumerate(zip(self.ups, self.excitations(source, frames))):
+            x = up(x) + excitation
             blocks = self.resblocks[i * self.n_kernels : (i + 1) * self.n_kernels]
             x = sum(block(x) for block in blocks) / self.n_kernels
         return torch.tanh(self.conv_post(self.activation_post(x)))

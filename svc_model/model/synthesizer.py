@@ -86,7 +86,10 @@ class SVCModel(nn.Module):
         z, m_q, logs_q = self.posterior_encoder(spec, mask, g, noise)
         starts = random_slice_starts(lengths, segment_frames, generator, noise)
         z_slice = slice_segments(z, starts, segment_frames)
-        f0_slice = slice_segments(f0.unsqueeze(1), starts, segment_frames).squeeze(1)
+        # f0 for the crop and the source filters' context around it (0 frames in the anchor's layout)
+        c = self.decoder.source_context
+        f0_slice = slice_segments(F.pad(f0.unsqueeze(1), (c, c), mode="replicate"), starts,
+                                  segment_frames + 2 * c).squeeze(1)
         audio = self.decoder(z_slice, speaker, f0_slice, noise=noise)
         # The flow is conditioned on the raw embedding, as the anchor's is.
         z_p, logdet_f = self.flow(z, mask, speaker)
