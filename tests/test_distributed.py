@@ -22,11 +22,15 @@ from assets.distributed import failure_summary
 from svc_model.config import load_config
 from svc_model.data import StepBatches
 
-# The share of the weights' movement on which two ranks and one process may disagree. Measured on this machine:
-# 7.7e-4 at step 1, falling to 5.1e-4 by step 4 (float summation order differs between a batch of 4 and two of
-# 2). Mutations measured: an epoch count that ignores the world size gives 0.31-0.54; noise from the process RNG
-# instead of the per-item streams gives 0.62-0.78.
-TOLERANCE = 5e-3
+# The share of the weights' movement on which two ranks and one process may disagree. The float summation order
+# differs between a batch of 4 and two of 2, and Adam's first steps are nearly sign(gradient) for every element,
+# so elements whose gradient is within rounding of zero move a full step either way: how many there are depends
+# on the CPU's kernels. Measured at step 1: 7.7e-4 (first config), 1.3e-3 (this config) on an AVX-512 machine,
+# 1.12e-2 on an AVX2 one (falling to 7.4e-3 by step 4; the largest share from the first upsampler, conv_pre and
+# the posterior encoder's first layers, each off by about 2% of its own movement). Mutations measured: an epoch
+# count that ignores the world size gives 0.31-0.54; noise from the process RNG instead of the per-item streams
+# gives 0.62-0.78: six times this tolerance or more.
+TOLERANCE = 5e-2
 PROBE = Path(__file__).with_name("ddp_probe.py")
 REPO = Path(__file__).resolve().parents[1]
 
