@@ -281,6 +281,7 @@ def decode_in_pieces(decoder, piece_frames: int, context: int = DECODER_CONTEXT)
     import torch
 
     whole, hop = decoder.forward, decoder.hop
+    c = decoder.source_context  # the source carries c frames before frame 0 and after the last
 
     def forward(z, speaker, f0=None, source=None, noise=None):
         frames = z.shape[-1]
@@ -290,7 +291,6 @@ def decode_in_pieces(decoder, piece_frames: int, context: int = DECODER_CONTEXT)
         for start in range(0, frames, piece_frames):
             end = min(frames, start + piece_frames)
             lo, hi = max(0, start - context), min(frames, end + context)
-            c = decoder.source_context  # the source carries c frames before frame 0
             y = whole(z[..., lo:hi], speaker, source=source[..., lo * hop : (hi + 2 * c) * hop])
             out.append(y[..., (start - lo) * hop : (end - lo) * hop])
         return torch.cat(out, dim=-1)

@@ -299,9 +299,9 @@ class Generator(nn.Module):
         c = self.source_context if hold_edges else 0
         if c:
             if start_phase is not None:  # the phases given are at f0's first frame; the held note starts earlier
-                k = torch.arange(1, N_HARMONICS + 2, device=f0.device, dtype=torch.float64)
-                per_sample = (f0[:, :1].double() * k / self.m_source.sample_rate) % 1.0
-                start_phase = (start_phase.double() - per_sample * (c * self.hop)) % 1.0
+                held = advance_phase(torch.zeros_like(start_phase, dtype=torch.float64), f0[:, :1].expand(-1, c),
+                                     self.hop, self.m_source.sample_rate)[:, -1]
+                start_phase = (start_phase.double() - held) % 1.0
             f0 = F.pad(f0[:, None], (c, c), mode="replicate")[:, 0]
         return self.m_source(torch.repeat_interleave(f0, self.hop, dim=1), deterministic, generator, start_phase,
                              noise)
