@@ -462,10 +462,35 @@ def _screenshot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / name), full_page=True)
 
 
+def _is_upload(response) -> bool:
+    return "/upload" in response.url and response.request.method == "POST"
+
+
 def _convert_and_wait(page) -> None:
+    """Click Convert and wait for the summary to change to a result; a failure quotes what the page and the
+    server said (the summary alone cannot tell a slow conversion from an error or a lost source)."""
+    summary = page.locator("#summary")
+    before = summary.inner_text()
     page.locator("#convert").click()
-    page.locator("#summary").get_by_text("Converted").wait_for(timeout=120_000)
+    try:
+        # While pending, the summary shows Gradio's timer and progress above the last message (which may be an
+        # earlier error); the result replaces both.
+        page.wait_for_function(
+            "before => { const t = document.querySelector('#summary').innerText.trim();"
+            " return t.includes('Converted') || (t !== before && /^(Error|Unexpected error)/.test(t)); }",
+            arg=before.strip(), timeout=180_000)
+    except Exception as exc:  # playwright's TimeoutError
+        raise AssertionError(f"no result after Convert ({type(exc).__name__}); the summary reads "
+                             f"{summary.inner_text()!r}\n{_server_log_tail()}") from None
+    text = summary.inner_text()
+    assert "Converted" in text, f"the conversion failed: {text!r}\n{_server_log_tail()}"
     page.locator("#output audio").first.wait_for(state="attached")
+
+
+def _server_log_tail(lines: int = 40) -> str:
+    log_path = ARTIFACTS / "studio-server.log"
+    tail = log_path.read_text(errors="replace").splitlines()[-lines:] if log_path.exists() else ["(no log)"]
+    return "svc studio's log ends:\n" + "\n".join(tail)
 
 
 def _pick(page, elem_id: str, option: str) -> None:
@@ -478,7 +503,9 @@ def _pick(page, elem_id: str, option: str) -> None:
 def test_browser_converts_an_upload(page, voices_dir, studio_ws):
     page.locator("#convert").click()
     page.locator("#summary").get_by_text("Error: No audio for the source").wait_for()
-    page.locator("#source input[type=file]").set_input_files(str(clip(voices_dir, "speaker-c", 4)[-1]))
+    # Convert sends the file's server path: clicked before the upload has answered, it would send no source.
+    with page.expect_response(_is_upload):
+        page.locator("#source input[type=file]").set_input_files(str(clip(voices_dir, "speaker-c", 4)[-1]))
     _pick(page, "singer", "bass")
     _convert_and_wait(page)
     production = _production_version(studio_ws)  # 2 after test_train_tab, the fixture's 1 when run alone
@@ -493,7 +520,9 @@ def test_browser_converts_a_recording(page, studio_ws):
     source.get_by_role("button", name="Record audio").click()
     source.get_by_role("button", name="Record", exact=True).click()
     page.wait_for_timeout(2500)
-    source.get_by_role("button", name="Stop").click()
+    # The recording is uploaded when it stops; Convert waits for that upload as it would for a file's.
+    with page.expect_response(_is_upload, timeout=60_000):
+        source.get_by_role("button", name="Stop").click()
     source.locator("audio").first.wait_for(state="attached")
     _convert_and_wait(page)
     production = _production_version(studio_ws)
