@@ -55,6 +55,22 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def claim_new_path(path: str | Path) -> Path:
+    """``path``, or else ``<stem>-2<suffix>``, ``-3``...: the first name nobody holds, claimed by creating it empty
+    (``O_EXCL``), so two writers naming outputs alike at the same moment never overwrite each other. The caller
+    fills it with an atomic write, and removes it if that write fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        candidate = path if n == 1 else path.with_name(f"{path.stem}-{n}{path.suffix}")
+        try:
+            os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            return candidate
+        except FileExistsError:
+            n += 1
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield an empty temp folder beside ``final``; on success it replaces ``final`` (two renames).

@@ -222,6 +222,20 @@ def test_the_lock_is_reentrant_in_one_thread_and_excludes_other_threads(workspac
     assert workspace.lock_holder() is None  # released: nobody is named as holding it
 
 
+def test_outputs_named_alike_at_once_get_distinct_files(tmp_path):
+    # Fails if two claims of one name can both win (a check-then-create race), or if a taken name is reused.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from svc_model.storage import claim_new_path
+
+    target = tmp_path / "studio" / "audio-to-alto-20261207-120000.wav"
+    with ThreadPoolExecutor(8) as pool:
+        claimed = list(pool.map(lambda _: claim_new_path(target), range(16)))
+    assert len(set(claimed)) == 16 and all(p.is_file() for p in claimed)
+    assert sorted(p.name for p in claimed) == sorted(
+        [target.name] + [f"audio-to-alto-20261207-120000-{n}.wav" for n in range(2, 17)])
+
+
 # ---- a full disk ---------------------------------------------------------------------------------------------------
 def _enospc(*_args, **_kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

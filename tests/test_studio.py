@@ -85,7 +85,7 @@ def _listing(folder: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_convert_tab(studio_ws, workspace, voices_dir, bad_audio):
+def test_convert_tab(studio_ws, workspace, voices_dir, bad_audio, monkeypatch):
     ws = studio_ws
     studio = Studio(ws).convert_tab
     assert ("production (version 1)", "production") in studio.model_choices()
@@ -107,6 +107,16 @@ def test_convert_tab(studio_ws, workspace, voices_dir, bad_audio):
                              reference=clip(voices_dir, "speaker-d", 1)[0], pitch_shift=-3)
     assert "pitch shift -3 semitones" in like_me.summary and "svc version 1**" in like_me.summary
     assert any(c.startswith("requested (-3 st)") for c in like_me.f0["curve"].unique())
+
+    # Two conversions named alike in the same second (every browser recording is "audio.wav"): two outputs,
+    # the first one intact. Fails if the second overwrites the first.
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20261207-120000")
+    first = studio.convert(source, target_kind="Singer", singer="alto")
+    kept = first.audio_path.read_bytes()
+    second = studio.convert(source, target_kind="Singer", singer="alto", pitch_shift=5)
+    assert first.audio_path != second.audio_path and second.audio_path.name.endswith("-20261207-120000-2.wav")
+    assert first.audio_path.read_bytes() == kept and second.audio_path.read_bytes() != kept
+    monkeypatch.undo()
 
     before = _listing(ws.outputs_dir)
     bad = {

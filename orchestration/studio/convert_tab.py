@@ -103,6 +103,7 @@ class ConvertTab:
                 progress: Progress = no_progress) -> Conversion:
         """Convert ``source`` into a singer, a reference recording's voice or a blend; writes outputs/studio/."""
         from svc_model.audio import AudioError, resample, write_audio
+        from svc_model.storage import claim_new_path
 
         source = check_audio(self.ws, source, "the source", self.max_upload_s)
         try:
@@ -121,9 +122,14 @@ class ConvertTab:
         except (ValueError, FileNotFoundError) as exc:
             raise StudioError(str(exc)) from None
         progress(1.0, "measuring the output's pitch")
-        out = (self.ws.outputs_dir / "studio"
-               / f"{slug(source.stem)}-to-{slug(result.target)}-{time.strftime('%Y%m%d-%H%M%S')}.wav")
-        write_audio(out, result.audio, result.sample_rate)
+        # Browser recordings all share a name: two conversions in the same second must not share an output.
+        out = claim_new_path(self.ws.outputs_dir / "studio"
+                             / f"{slug(source.stem)}-to-{slug(result.target)}-{time.strftime('%Y%m%d-%H%M%S')}.wav")
+        try:
+            write_audio(out, result.audio, result.sample_rate)
+        except BaseException:
+            out.unlink(missing_ok=True)
+            raise
         # The output's own f0, measured as the source's was: how well the model followed the requested pitch.
         measured = converter.extractor("pitch").extract(resample(result.audio, result.sample_rate, 16000))[:, 0]
         curves = {"source": result.source_f0, "output": measured}
