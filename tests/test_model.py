@@ -174,6 +174,27 @@ def test_mel_and_stft_losses_are_zero_on_identity_and_shrink_as_inputs_approach(
         previous = current
 
 
+def test_spectral_convergence_of_a_silent_slice_is_bounded_by_the_floor():
+    # A training slice in a pause: digital silence as the target, output noise 10 dB over the floor (-50 dBFS).
+    # Without the floor its ratio is about 300 (the magnitude clamp as denominator) and one such item drove the step;
+    # with it the ratio is the output's level over the floor's, 10 dB: 3.16 (fails if the floor is missing or
+    # mis-scaled). A speech-level item is unchanged to 0.2% (fails if the floor is far too high).
+    torch.manual_seed(0)
+    stft = MultiResolutionSTFTLoss(((512, 50, 240), (1024, 120, 600)))
+    silence = torch.zeros(1, 6400)
+    hum = 10 ** (-40 / 20) * torch.randn(1, 6400)
+    sc, _ = stft(hum, silence)
+    assert float(sc) == pytest.approx(10 ** 0.5, rel=0.05)
+    loud = 0.1 * torch.randn(1, 6400)  # -20 dBFS
+    sc_loud, _ = stft(loud + hum, loud)
+    unfloored = MultiResolutionSTFTLoss(((512, 50, 240), (1024, 120, 600)), floor_dbfs=-300.0)
+    assert float(sc_loud) == pytest.approx(float(unfloored(loud + hum, loud)[0]), rel=2e-3)
+    assert float(unfloored(hum, silence)[0]) > 100  # the case the floor is for
+    # Still per item: a batch scores the mean of its items (DDP ranks splitting it agree with one process).
+    both, _ = stft(torch.cat([hum, loud + hum]), torch.cat([silence, loud]))
+    assert float(both) == pytest.approx((float(sc) + float(sc_loud)) / 2, rel=1e-5)
+
+
 def test_adversarial_losses_on_known_scores():
     ones, zeros = [torch.ones(3, 5)], [torch.zeros(3, 5)]
     assert generator_adversarial_loss(ones) == 0 and generator_adversarial_loss(zeros) == 1

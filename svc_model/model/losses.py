@@ -12,11 +12,23 @@ def mel_loss(mel_hat: torch.Tensor, mel: torch.Tensor) -> torch.Tensor:
 
 
 class MultiResolutionSTFTLoss(nn.Module):
-    """Spectral convergence + log-magnitude L1, averaged over several STFT resolutions."""
+    """Spectral convergence + log-magnitude L1, averaged over several STFT resolutions.
 
-    def __init__(self, resolutions=((1024, 120, 600), (2048, 240, 1200), (512, 50, 240))):
+    Spectral convergence is taken per item, its denominator floored at the norm of white noise at ``floor_dbfs``
+    RMS. Without a floor a training slice that falls in a pause (2% of the tiny profile's 0.2 s slices of three
+    bundled voices are below -60 dBFS, some digital silence) divides by the magnitude clamp. In a 2,380-step run of
+    the tiny profile (``benchmarks/quality.py``) 11% of the steps logged an STFT loss above 4 (up to 172; median
+    1.85), with a generator gradient norm of about 1e5 (median; 236 on the other steps): at weight 9 that one item's
+    gradient was the step's whole update (clipped to the maximum norm). The anchor's one ratio over the whole batch
+    hides such an item among loud ones, but depends on how a batch is split; the floor keeps the per-item form
+    bounded (a silent target against output 10 dB over the floor scores about 3.2) and moves a -20 dBFS item's
+    figure by under 0.2% at the default -50 dBFS.
+    """
+
+    def __init__(self, resolutions=((1024, 120, 600), (2048, 240, 1200), (512, 50, 240)), floor_dbfs: float = -50.0):
         super().__init__()
         self.resolutions = [tuple(r) for r in resolutions]
+        self.floor_rms = 10.0 ** (floor_dbfs / 20.0)
         for i, (_, _, win) in enumerate(self.resolutions):
             self.register_buffer(f"window{i}", torch.hann_window(win), persistent=False)
 
@@ -33,9 +45,12 @@ class MultiResolutionSTFTLoss(nn.Module):
             s_hat, s = self._mag(y_hat, i), self._mag(y, i)
             # Spectral convergence per item, then averaged: the anchor takes one ratio over the whole batch,
             # which makes the loss depend on how a batch is split (DDP ranks would disagree with one process).
-            # For a batch of one the two are the same.
+            # For a batch of one the two are the same, but for the floor.
             num = torch.linalg.vector_norm(s - s_hat, dim=(1, 2))
-            sc = sc + (num / torch.linalg.vector_norm(s, dim=(1, 2)).clamp(min=1e-7)).mean()
+            # White noise of RMS r has an expected |X|^2 of r^2 * sum(window^2) in every bin (Parseval).
+            floor_sq = self.floor_rms ** 2 * float(getattr(self, f"window{i}").pow(2).sum()) * s[0].numel()
+            den = torch.sqrt(torch.linalg.vector_norm(s, dim=(1, 2)) ** 2 + floor_sq)
+            sc = sc + (num / den).mean()
             mag = mag + F.l1_loss(torch.log(s_hat), torch.log(s))
         n = len(self.resolutions)
         return sc / n, mag / n
