@@ -28,9 +28,15 @@ class MultiResolutionSTFTLoss(nn.Module):
     def __init__(self, resolutions=((1024, 120, 600), (2048, 240, 1200), (512, 50, 240)), floor_dbfs: float = -50.0):
         super().__init__()
         self.resolutions = [tuple(r) for r in resolutions]
-        self.floor_rms = 10.0 ** (floor_dbfs / 20.0)
+        floor_rms = 10.0 ** (floor_dbfs / 20.0)
+        # The floor's power per bin and resolution: white noise of RMS r has an expected |X|^2 of
+        # r^2 * sum(window^2) in every bin (Parseval). Python floats taken once here: read from the (maybe CUDA)
+        # window buffer in every step, they would make the host wait for the device.
+        self.floor_power = []
         for i, (_, _, win) in enumerate(self.resolutions):
-            self.register_buffer(f"window{i}", torch.hann_window(win), persistent=False)
+            window = torch.hann_window(win)
+            self.register_buffer(f"window{i}", window, persistent=False)
+            self.floor_power.append(floor_rms ** 2 * float(window.pow(2).sum()))
 
     def _mag(self, x: torch.Tensor, i: int) -> torch.Tensor:
         n_fft, hop, win = self.resolutions[i]
@@ -47,9 +53,7 @@ class MultiResolutionSTFTLoss(nn.Module):
             # which makes the loss depend on how a batch is split (DDP ranks would disagree with one process).
             # For a batch of one the two are the same, but for the floor.
             num = torch.linalg.vector_norm(s - s_hat, dim=(1, 2))
-            # White noise of RMS r has an expected |X|^2 of r^2 * sum(window^2) in every bin (Parseval).
-            floor_sq = self.floor_rms ** 2 * float(getattr(self, f"window{i}").pow(2).sum()) * s[0].numel()
-            den = torch.sqrt(torch.linalg.vector_norm(s, dim=(1, 2)) ** 2 + floor_sq)
+            den = torch.sqrt(torch.linalg.vector_norm(s, dim=(1, 2)) ** 2 + self.floor_power[i] * s[0].numel())
             sc = sc + (num / den).mean()
             mag = mag + F.l1_loss(torch.log(s_hat), torch.log(s))
         n = len(self.resolutions)
