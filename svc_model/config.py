@@ -176,6 +176,10 @@ class ModelConfig(_Strict):
     anti_aliased_source: bool = Field(False, description="low-pass the harmonic source before each upsampling "
                                       "stage takes it, below half that stage's Nyquist, so no stage folds or "
                                       "mirrors the note (off: the anchor's injection as it is)")
+    frame_rate_null: bool = Field(False, description="average the first upsampler's output over one frame: "
+                                  "zero response at every multiple of the frame rate, so no pattern that repeats "
+                                  "every frame (the latent's images around 100, 200... Hz) reaches the later "
+                                  "stages (off: the anchor's decoder as it is)")
     latent_noise: float = Field(1.0, ge=0, description="std of the Gaussian noise added to the decoder's latent in "
                                 "training (the anchor's perturbation: 1)")
     ppg_noise: float = Field(1.0, ge=0, description="std of the Gaussian noise added to the PPG in training")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -286,6 +287,44 @@ def test_phase_balanced_upsampling_turns_a_constant_latent_into_no_frame_rate_to
     # The state dict is the anchor's layout either way: balancing adds no parameters or keys.
     assert {k for k in dec.ups[0].state_dict()} == {"bias", "parametrizations.weight.original0",
                                                      "parametrizations.weight.original1"}
+
+
+@pytest.mark.parametrize("null", [False, True])
+def test_the_frame_rate_null_leaves_a_moving_latent_no_frame_rate_tone(null):
+    # Phase balancing covers a constant latent only. A latent that moves (here a ramp, different per channel)
+    # still leaves the first upsampler with a pattern that repeats every frame, and the nonlinear stages after
+    # it turn that into lines at 100, 200... Hz: the tiny profile, trained 3,000 steps, sang notes above about
+    # 300 Hz at 100 Hz that way. With the null, the same random weights give lines no stronger than the smooth
+    # output around them (bins 50 Hz apart). Fails if the average is missing, one frame wrong in width (4
+    # samples: 36-334x here), or after another stage. Without it the lines are 145-1,286x (seeds 3-8), which
+    # shows that this probe sees them.
+    spk = torch.nn.functional.normalize(torch.randn(1, 256, generator=torch.Generator().manual_seed(0)), dim=-1)
+    for seed in (3, 4, 5):
+        torch.manual_seed(seed)
+        dec = Generator(16, 256, [5, 4, 4, 4], [15, 8, 8, 8], 64, [3], [[1, 3]], 32000,
+                        phase_balanced_upsampling=True, frame_rate_null=null).eval()
+        g = torch.Generator().manual_seed(100 + seed)
+        z = torch.randn(1, 16, 1, generator=g) * torch.linspace(-1, 1, 40) + torch.randn(1, 16, 1, generator=g)
+        with torch.no_grad():
+            y = dec(z, spk, source=torch.zeros(1, 1, 40 * 320))[0, 0, 10 * 320 : 30 * 320].double().numpy()
+        spectrum = np.abs(np.fft.rfft((y - y.mean()) * np.hanning(len(y))))  # 5 Hz bins
+        lines = spectrum[[20, 40, 60, 80]].max() / spectrum[[10, 30, 50, 70, 90]].max()
+        if null:
+            assert lines < 15, f"seed {seed}: frame-rate lines {lines:.1f}x the output around them"
+        else:
+            assert lines > 100, f"seed {seed}: {lines:.1f}"
+
+
+def test_frame_average_turns_a_pattern_that_repeats_every_frame_into_a_constant():
+    from svc_model.model.generator import frame_average
+
+    torch.manual_seed(0)
+    pattern = torch.randn(2, 3, 5).repeat(1, 1, 20)  # repeats every 5 samples
+    ramp = torch.linspace(0, 1, 100)
+    out = frame_average(pattern + ramp, 5)[..., 2:-2]  # the edges are replicated, not averaged over a frame
+    expected = pattern.mean(-1, keepdim=True) + ramp[2:-2]  # a centred average keeps a ramp as it is
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert frame_average(pattern, 5).shape == pattern.shape
 
 
 def test_phase_balance_keeps_the_dc_gain_and_equalizes_each_phase():

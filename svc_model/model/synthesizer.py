@@ -60,7 +60,7 @@ class SVCModel(nn.Module):
                                  cfg.upsample_initial_channel, cfg.resblock_kernel_sizes,
                                  cfg.resblock_dilation_sizes, sample_rate, cfg.source_init_gain,
                                  cfg.latent_noise, cfg.phase_balanced_upsampling,
-                                 cfg.anti_aliased_source)
+                                 cfg.anti_aliased_source, cfg.frame_rate_null)
         self.hop = self.decoder.hop
 
     def forward(self, ppg, vec, f0, spec, speaker, lengths, segment_frames: int,
