@@ -115,7 +115,14 @@ def main() -> None:
     for budget in sorted(args.budgets):
         if trainer.step < budget:
             trainer.fit(steps=budget - trainer.step)
-        checkpoint = max((args.work / "run").glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+        # The budget's own checkpoint: a run resumed past a budget must not measure a later step under its name.
+        checkpoint = args.work / "run" / f"step-{budget:08d}.pt"
+        if not checkpoint.is_file():
+            if str(budget) in results:
+                print(f"budget {budget}: kept from {results_path} (the run is past it)", flush=True)
+                continue
+            raise SystemExit(f"{checkpoint}: missing, and {results_path} has no figures for budget {budget}; "
+                             f"the run in {args.work / 'run'} is at step {trainer.step}")
         converter = Converter.from_checkpoint(checkpoint, extractors=extractors)
         results[str(budget)] = measure(converter, source_rows, extractors, args.clips)
         results[str(budget)]["train_seconds_total"] = round(time.perf_counter() - started, 1)
