@@ -37,7 +37,9 @@ class StreamConfig:
     crossfade_ms: int = 40
     sola_search_ms: int = 10
     context_s: float = 2.0  # left context for Whisper/HuBERT and the prior encoder
-    pitch_margin_ms: int = 100  # extra input before the new block for the pitch extractor
+    # Input before the frames being estimated, for the pitch extractor: FCPE on a 100 ms block with only 100 ms
+    # before it disagrees with the whole file's voicing on 12% of frames; with 300 ms, 4% (benchmarks/live.py).
+    pitch_margin_ms: int = 300
     decoder_margin_frames: int = 8  # left context for the decoder's receptive field (80 ms)
     gate_db: float | None = None  # blocks quieter than this (RMS dBFS) pass as silence without running the model
 
@@ -205,7 +207,7 @@ class StreamingConverter:
         """Load the extractors and run the model once on silence (state untouched), so that the first live block
         does not pay for loading."""
         saved = (self._audio.copy(), self._f0.copy(), self._phase.clone(), self._tail.copy(), self.generator.get_state())
-        self._pitch()
+        self._pitch(self._revised_frames)
         self._synthesize()
         self._audio, self._f0, self._phase, self._tail = saved[:4]
         self.generator.set_state(saved[4])
@@ -279,9 +281,10 @@ class StreamingConverter:
         self._phase = torch.cat([self._phase[nb:], self._phase[-1:].repeat(nb, 1)])
         level = rms_db(new)
         gated = self.cfg.gate_db is not None and level < self.cfg.gate_db
+        revise = self._revised_frames
         if not gated:
-            self._f0[-nb:] = self._pitch() * 2.0 ** (self.pitch_shift / 12.0)
-        self._advance_phases()
+            self._f0[-revise:] = self._pitch(revise) * 2.0 ** (self.pitch_shift / 12.0)
+        self._advance_phases(revise)
         index = len(self.stats.blocks)
         if gated:  # silence in, silence out; the join after it fades in from silence
             self._tail[:] = 0
@@ -298,22 +301,33 @@ class StreamingConverter:
         self.stats.blocks.append(BlockStats(index, time.perf_counter() - started, False, offset, level))
         return out
 
-    def _pitch(self) -> np.ndarray:
-        """f0 of the new block's frames, from the block plus a margin of the input before it."""
-        nb, margin = self.n_block, self.cfg.pitch_margin_ms // 10
-        span = (nb + margin) * self.hop
+    @property
+    def _revised_frames(self) -> int:
+        """Frames whose f0 each block (re)computes: the new block, and the crossfade and search frames held back
+        at the last block. Those were estimated with no input after them (the pitch extractor is least sure at
+        its right edge: at 100 ms blocks the last frame of each block was 88 cents off the whole file's f0 on
+        average) and have not been played yet, so they are estimated again now that a block follows them."""
+        return min(self.n_window - 1, self.n_block + self.n_fade + self.n_search)
+
+    def _pitch(self, frames: int | None = None) -> np.ndarray:
+        """f0 of the window's last ``frames`` frames (default: the new block), from them plus a margin of the
+        input before them."""
+        frames, margin = frames or self.n_block, self.cfg.pitch_margin_ms // 10
+        span = min(len(self._audio), (frames + margin) * self.hop)
+        margin = span // self.hop - frames
         audio16 = resample(self._audio[-span:], self.sr, 16000)
         pitch = self.converter.extractor("pitch").extract(audio16)
         f0 = pitch[:, 0] * (pitch[:, 1] > 0)
-        f0 = np.pad(f0, (0, max(0, nb + margin - len(f0))))
-        return f0[margin : margin + nb].astype(np.float32)
+        f0 = np.pad(f0, (0, max(0, frames + margin - len(f0))))
+        return f0[margin : margin + frames].astype(np.float32)
 
-    def _advance_phases(self) -> None:
+    def _advance_phases(self, frames: int) -> None:
+        """Start phases of the window's last ``frames`` frames (those whose f0 changed), from the frame before."""
         import torch
 
         from svc_model.model.generator import advance_phase
 
-        first = self.n_window - self.n_block  # the first new frame; its start phase follows the frame before it
+        first = self.n_window - frames  # its start phase follows the frame before it
         f0 = torch.from_numpy(self._f0[first - 1 : self.n_window - 1].copy())[None]
         self._phase[first:] = advance_phase(self._phase[first - 1][None], f0, self.hop, self.sr)[0]
 
