@@ -259,8 +259,8 @@ class _TimedExtractor:
 
 CPU_STAGES = [  # (key, stage, what runs, weights)
     ("pitch", "pitch", "FCPE (torchfcpe)", "real"),
-    ("ppg", "PPG", "Whisper large-v2, first 24 of 32 encoder blocks + ln_post, CTranslate2 int8, 15 s pieces",
-     "random"),
+    ("ppg", "PPG", ("Whisper large-v2, first 24 of 32 encoder blocks + ln_post, CTranslate2 {compute_type}, 15 s "
+                    "pieces"), "random"),
     ("vec", "vec", "hubert-soft (HuBERT-base + 256-d proj), fp32, 20 s pieces", "random"),
     ("prior", "generator: prior encoder", "PPG + vec + pitch -> VITS transformer, 6 layers", "random"),
     ("flow", "generator: flow", "4 couplings, reverse", "random"),
@@ -299,7 +299,8 @@ def decode_in_pieces(decoder, piece_frames: int, context: int = DECODER_CONTEXT)
 
 
 def bench_convert_cpu(threads: int, ct2_threads: int, repeat: int, chunk_s: float, source: Path,
-                      inference_mode: bool, decoder_piece_s: float = 0.0, cache_weights: bool = False) -> list[str]:
+                      inference_mode: bool, decoder_piece_s: float = 0.0, cache_weights: bool = False,
+                      ct2_compute_type: str = "int8") -> list[str]:
     """The base profile's file conversion with CPU backends, stage by stage (see the module docstring)."""
     import contextlib
 
@@ -324,7 +325,7 @@ def bench_convert_cpu(threads: int, ct2_threads: int, repeat: int, chunk_s: floa
         "pitch": FcpePitch(threshold=pitch_cfg.fcpe_threshold, fmin=pitch_cfg.fmin, fmax=pitch_cfg.fmax,
                            median_filter=pitch_cfg.median_filter, device="cpu"),
         # the cut (24 of 32 blocks + ln_post) is in the converted model, so no drop_last_fraction here
-        "ppg": CTranslate2PPG(model=str(ct2), compute_type="int8", intra_threads=ct2_threads, device="cpu",
+        "ppg": CTranslate2PPG(model=str(ct2), compute_type=ct2_compute_type, intra_threads=ct2_threads, device="cpu",
                               piece_s=cfg.features.ppg.piece_s),
         "vec": HubertSoftVec(pretrained=False, seed=0, device="cpu"),
     }
@@ -369,7 +370,8 @@ def bench_convert_cpu(threads: int, ct2_threads: int, repeat: int, chunk_s: floa
     med = {key: statistics.median(r.get(key, 0.0) for r in runs) for key in runs[0] if key not in ("faults", "cpu")}
     generator = statistics.median(sum(r.get(k, 0.0) for k in ("prior", "flow", "source", "decoder")) for r in runs)
     other = statistics.median(r["total"] - sum(r.get(k, 0.0) for k, *_ in CPU_STAGES) for r in runs)
-    label = f"{threads} torch threads, CTranslate2 intra_threads {ct2_threads or 'default'}"
+    label = (f"{threads} torch threads, CTranslate2 intra_threads {ct2_threads or 'default'}, compute type "
+             f"{ct2_compute_type}")
     lines = [(f"source {source.relative_to(ROOT) if source.is_relative_to(ROOT) else source}: {seconds:.2f} s, "
               f"{runs[0]['chunks']} piece(s) of at most {chunk_s:g} s; {label}"
               f"{'; inference_mode' if inference_mode else ''}"
@@ -385,6 +387,7 @@ def bench_convert_cpu(threads: int, ct2_threads: int, repeat: int, chunk_s: floa
                 f"{statistics.median(r['faults'].get(key, 0) for r in runs) / 1e3:.0f}k")
 
     for key, stage, what, weights in CPU_STAGES:
+        what = what.format(compute_type=ct2_compute_type)
         lines.append(f"| {stage} | {what} | {weights} | {med.get(key, 0.0):.2f} | {med.get(key, 0.0) / seconds:.3f} "
                      f"| {faults(key)} |")
         if key == "decoder":
@@ -411,6 +414,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="convert-base-cpu: torch threads")
     parser.add_argument("--ct2-threads", type=int, default=2,
                         help="convert-base-cpu: CTranslate2 intra_threads (0: its default)")
+    parser.add_argument("--ct2-compute-type", default="int8", choices=["int8", "int8_float32", "float32"],
+                        help="convert-base-cpu: CTranslate2's compute type for the PPG model (the int8 folder is "
+                        "dequantized at load for float32)")
     parser.add_argument("--repeat", type=int, default=3, help="convert-base-cpu: timed runs (the median is shown)")
     parser.add_argument("--chunk-s", type=float, default=15.0,
                         help="convert-base-cpu: Converter.convert's max_chunk_s (default 15, the converter's; another "
@@ -434,7 +440,7 @@ def main() -> None:
         subprocess.run([sys.executable, __file__, "--build-ct2"], check=True, stdout=subprocess.DEVNULL)
         print("\n".join(bench_convert_cpu(args.threads, args.ct2_threads, args.repeat, args.chunk_s,
                                            args.source.resolve(), args.inference_mode, args.decoder_piece_s,
-                                           args.cache_weights)),
+                                           args.cache_weights, args.ct2_compute_type)),
               flush=True)
         return
     if args.only is not None:
