@@ -365,8 +365,6 @@ def test_the_anti_aliased_source_gives_each_stage_only_what_its_rate_can_carry()
 def test_pitch_following_tells_a_sung_glide_from_a_frame_rate_buzz():
     # The validation metric the trainer logs (valid_f0_corr). Fails if it reads the given f0 back instead of the
     # audio, or if a buzz at the frame rate scores like the glide it should have sung.
-    import numpy as np
-
     from svc_model.evaluate import pitch_following
 
     sr, hop, frames = 32000, 320, 200

@@ -255,7 +255,7 @@ class Generator(nn.Module):
         super().__init__()
         self.latent_noise = latent_noise
         # One frame of the first stage (upsample_rates[0] samples), averaged: see frame_average.
-        self.frame_rate_null = upsample_rates[0] if frame_rate_null else 0
+        self.null_width = upsample_rates[0] if frame_rate_null else 0  # 0: no null
         self.hop = math.prod(upsample_rates)
         self.n_kernels = len(resblock_kernel_sizes)
         self.adapter = SpeakerAdapter(spk_dim, in_channels)
@@ -353,8 +353,8 @@ class Generator(nn.Module):
         x = x * torch.tanh(F.softplus(x))  # mish
         for i, (up, excitation) in enumerate(zip(self.ups, self.excitations(source, frames))):
             x = up(x)
-            if i == 0 and self.frame_rate_null:
-                x = frame_average(x, self.frame_rate_null)
+            if i == 0 and self.null_width:
+                x = frame_average(x, self.null_width)
             x = x + excitation
             blocks = self.resblocks[i * self.n_kernels : (i + 1) * self.n_kernels]
             x = sum(block(x) for block in blocks) / self.n_kernels
