@@ -413,3 +413,34 @@ def test_a_slice_with_its_source_context_gets_the_whole_tracks_excitation():
                                    atol=1e-5, rtol=0)
         with pytest.raises(ValueError, match="frames of context on each side"):
             dec(torch.zeros(1, 16, hi - lo), torch.zeros(1, 256), source=whole[..., lo * hop : hi * hop])
+
+
+def test_the_anti_aliased_snake_gives_the_same_output_with_and_without_autograd():
+    # Conversion runs the Snake activation in one buffer, in place, and the upsampler with its gain folded into the
+    # taps. Bugs caught: the in-place path computing anything else (a dropped 1/beta, the square taken before the
+    # sine), writing into its input (the AMP block adds that input back as the residual), or the folded gain
+    # differing from BigVGAN's `ratio * conv_transpose1d(x, taps)`. Exact equality: both are the same float
+    # operations.
+    from svc_model.model.generator import AntiAliasedSnake
+
+    torch.manual_seed(0)
+    act = AntiAliasedSnake(6)
+    with torch.no_grad():
+        act.act.alpha.normal_(0, 0.5)
+        act.act.beta.normal_(0, 0.5)
+    x = torch.randn(2, 6, 501, requires_grad=True)
+    trained = act(x)  # autograd on: the out-of-place formula
+    up = act.upsample
+    padded = F.pad(x.detach(), (up.pad, up.pad), mode="replicate")
+    bigvgan = 2 * F.conv_transpose1d(padded, up.filter.expand(6, -1, -1), stride=2, groups=6)
+    assert torch.equal(up(x.detach()), bigvgan[..., up.crop_left : -up.crop_right])
+    u = up(x.detach())
+    alpha, beta = torch.exp(act.act.alpha)[None, :, None], torch.exp(act.act.beta)[None, :, None]
+    before = x.detach().clone()
+    with torch.no_grad():
+        converted = act(x)
+        u_before = u.clone()
+        snaked = act.act(u)
+    assert torch.equal(converted, trained.detach())
+    assert torch.equal(snaked, (u_before + 1.0 / (beta + 1e-9) * torch.sin(u_before * alpha) ** 2).detach())
+    assert torch.equal(x.detach(), before) and torch.equal(u, u_before), "the activation wrote into its input"

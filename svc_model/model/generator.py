@@ -55,7 +55,9 @@ class Upsample2x(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = x.shape[1]
         x = F.pad(x, (self.pad, self.pad), mode="replicate")
-        x = self.ratio * F.conv_transpose1d(x, self.filter.expand(c, -1, -1), stride=self.ratio, groups=c)
+        # The gain of `ratio` goes on the 12 taps rather than on the upsampled signal: one pass less over the
+        # largest tensors of the decoder, and (ratio 2, a power of two) bitwise the same result.
+        x = F.conv_transpose1d(x, (self.ratio * self.filter).expand(c, -1, -1), stride=self.ratio, groups=c)
         return x[..., self.crop_left : -self.crop_right]
 
 
@@ -93,6 +95,15 @@ class SnakeBeta(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         alpha = torch.exp(self.alpha)[None, :, None]
         beta = torch.exp(self.beta)[None, :, None]
+        if not torch.is_grad_enabled():
+            # Conversion: the same arithmetic in one buffer instead of four (no intermediates to keep for
+            # backward), bitwise the same output (tests/test_model.py). With the folded gain above, about 8% off
+            # the base decoder's CPU time (5 s, one thread: RTF 1.02-1.07 -> 0.93-0.99).
+            y = x * alpha
+            y.sin_()
+            y.mul_(y)
+            y.mul_(1.0 / (beta + 1e-9))
+            return y.add_(x)
         return x + 1.0 / (beta + 1e-9) * torch.sin(x * alpha) ** 2
 
 
