@@ -4,8 +4,9 @@ The same :class:`~svc_model.infer.Converter` (checkpoint, singer table, extracto
 by block as RVC's real-time path is:
 
 - every block appends ``block_ms`` of input to a rolling window of ``context_s`` + block + crossfade + SOLA search;
-- pitch is extracted only for the new block plus ``pitch_margin_ms`` before it, and kept in a rolling cache (the
-  frames already returned are never recomputed, so the NSF phase built from them never changes);
+- pitch is extracted only for the new block, and the previous block's crossfade and search frames (held back,
+  not yet returned), with ``pitch_margin_ms`` before them, and kept in a rolling cache (the frames already
+  returned are never recomputed, so the NSF phase built from them never changes);
 - Whisper (and HuBERT) are not streaming models: they run on the whole sliding window every block, and that is
   most of the cost per block (see ``benchmarks/live.py``);
 - the prior encoder and flow see the whole window; the decoder synthesizes only the returned block, the crossfade
